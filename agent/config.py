@@ -1,0 +1,199 @@
+"""Agent configuration: one frozen ``AgentConfig`` of sections.
+
+``load_config(path, overrides)``: defaults <- TOML file <- overrides
+(``{"section.key": value}``, from flags or ``--set``) -> validate. Unknown
+keys are an error that suggests the closest known key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # agent, VM and prefix names; '.' separates them in shm names
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSection:
+    name: str = "agent"
+    listen: str = "127.0.0.1:0"          # migration endpoint (TCP)
+    control: str = "/tmp/livemig.sock"   # control endpoint (Unix socket)
+    control_mode: int = 0o600
+    data_dir: str = "/var/lib/livemig"
+    shm_prefix: str = "livemig"          # /dev/shm/<shm_prefix>.<agent>.<vm>.<id>
+
+    def __post_init__(self) -> None:
+        _check(NAME_RE.fullmatch(self.name) is not None, f"agent.name: {self.name!r} is not 1-64 of A-Z a-z 0-9 _ -")
+        parse_hostport(self.listen)
+        _check(bool(self.control), "agent.control: empty path")
+        _check(0 <= self.control_mode <= 0o777, "agent.control_mode: not a file mode")
+        _check(NAME_RE.fullmatch(self.shm_prefix) is not None, "agent.shm_prefix: 1-64 of A-Z a-z 0-9 _ -")
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSection:
+    downtime_target_ms: int = 300
+    max_rounds: int = 10
+    max_bandwidth_mibps: int = 0         # 0 = unlimited
+    handshake_timeout_s: float = 10.0
+    io_timeout_s: float = 30.0           # no progress on a migration connection for this long = peer lost
+    guest_ack_timeout_s: float = 5.0
+    resolve_timeout_s: float = 30.0      # in-doubt resolution window after Resume was sent
+    auth_key_file: str = ""              # shared secret: both agents must use the same key
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.downtime_target_ms <= 60_000, "migration.downtime_target_ms: 1..60000")
+        _check(1 <= self.max_rounds <= 1000, "migration.max_rounds: 1..1000")
+        _check(self.max_bandwidth_mibps >= 0, "migration.max_bandwidth_mibps: >= 0")
+        for k in ("handshake_timeout_s", "io_timeout_s", "guest_ack_timeout_s", "resolve_timeout_s"):
+            _check(getattr(self, k) > 0, f"migration.{k}: must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsSection:
+    max_live_migrations: int = 2
+    max_storage_migrations: int = 2
+    max_connections: int = 64            # concurrent migration-endpoint connections
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_live_migrations <= 1024, "limits.max_live_migrations: 1..1024")
+        _check(1 <= self.max_storage_migrations <= 1024, "limits.max_storage_migrations: 1..1024")
+        _check(1 <= self.max_connections <= 4096, "limits.max_connections: 1..4096")
+
+
+@dataclass(frozen=True, slots=True)
+class LogSection:
+    format: str = "auto"                 # auto | json | console
+    level: str = "info"
+
+    def __post_init__(self) -> None:
+        _check(self.format in ("auto", "json", "console"), "log.format: auto, json or console")
+        _check(self.level in ("debug", "info", "warning", "error"), "log.level: debug, info, warning or error")
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    agent: AgentSection = field(default_factory=AgentSection)
+    migration: MigrationSection = field(default_factory=MigrationSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def auth_key(self) -> bytes | None:
+        path = self.migration.auth_key_file
+        if not path:
+            return None
+        try:
+            with open(path, "rb") as f:
+                key = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"migration.auth_key_file: {exc}") from exc
+        _check(len(key) >= 16, "migration.auth_key_file: key shorter than 16 bytes")
+        return key
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(AgentConfig)}
+_SECTION_TYPES = {"agent": AgentSection, "migration": MigrationSection, "limits": LimitsSection, "log": LogSection}
+
+
+def _coerce(section: str, key: str, value: Any, typ: type) -> Any:
+    where = f"{section}.{key}"
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value, 0)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type")  # pragma: no cover
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    hints = {"int": int, "float": float, "str": str, "bool": bool}
+    return {f.name: hints[f.type] if isinstance(f.type, str) else f.type for f in dataclasses.fields(cls)}
+
+
+def _unknown(kind: str, name: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return ConfigError(f"unknown {kind} {name}{hint}")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None) -> AgentConfig:
+    raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTION_TYPES}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config {path}: {exc}") from exc
+        for sec, body in doc.items():
+            if sec not in _SECTION_TYPES:
+                raise _unknown("section", sec, list(_SECTION_TYPES))
+            if not isinstance(body, dict):
+                raise ConfigError(f"[{sec}] must be a table")
+            raw[sec].update(body)
+    for dotted, value in (overrides or {}).items():
+        sec, _, key = dotted.partition(".")
+        if sec not in _SECTION_TYPES or not key:
+            raise _unknown("key", dotted, [f"{s}.{k}" for s, c in _SECTION_TYPES.items() for k in _field_types(c)])
+        raw[sec][key] = value
+    sections = {}
+    for sec, cls in _SECTION_TYPES.items():
+        types = _field_types(cls)
+        values = {}
+        for key, value in raw[sec].items():
+            if key not in types:
+                raise _unknown("key", f"{sec}.{key}", [f"{sec}.{k}" for k in types])
+            values[key] = _coerce(sec, key, value, types[key])
+        try:
+            sections[sec] = cls(**values)
+        except TypeError as exc:  # pragma: no cover - guarded by the key check above
+            raise ConfigError(str(exc)) from exc
+    return AgentConfig(**sections)

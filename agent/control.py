@@ -1,0 +1,130 @@
+"""Control endpoint: a Unix socket (mode 0600) speaking JSON lines.
+
+Request:  {"op": "vm.create", "args": {...}}\n
+Response: {"ok": true, "result": ...}\n  or  {"ok": false, "error": "..."}\n
+One connection may carry several requests; a long request (``migrate``
+with ``wait``) holds its connection until it ends.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any, Awaitable, Callable
+
+from .errors import AgentError
+from .logs import get_logger
+
+log = get_logger("livemig.control")
+
+MAX_REQUEST_BYTES = 1 << 20
+Handler = Callable[[dict], Awaitable[Any]]
+
+
+class ControlServer:
+    def __init__(self, path: str, mode: int, handlers: dict[str, Handler]) -> None:
+        self.path = path
+        self.mode = mode
+        self.handlers = handlers
+        self.server: asyncio.AbstractServer | None = None
+        self.tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        old = os.umask(0o777 & ~self.mode)       # the socket is never more open than its mode
+        try:
+            self.server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_REQUEST_BYTES)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, self.mode)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self.tasks.add(task)
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await self._reply(writer, {"ok": False, "error": "request too large"})
+                    return
+                if not line:
+                    return
+                try:
+                    req = json.loads(line)
+                    op = req["op"]
+                    args = req.get("args") or {}
+                    if not isinstance(args, dict):
+                        raise ValueError("args must be an object")
+                    handler = self.handlers[op]
+                except KeyError:
+                    await self._reply(writer, {"ok": False, "error": f"unknown request {line[:80]!r}"})
+                    continue
+                except ValueError as exc:
+                    await self._reply(writer, {"ok": False, "error": f"bad request: {exc}"})
+                    continue
+                try:
+                    result = await handler(args)
+                    resp = {"ok": True, "result": result}
+                except AgentError as exc:
+                    resp = {"ok": False, "error": str(exc)}
+                except (TypeError, ValueError) as exc:
+                    resp = {"ok": False, "error": f"bad arguments for {op}: {exc}"}
+                except Exception as exc:
+                    log.exception("control_handler_crashed", op=op)
+                    resp = {"ok": False, "error": f"internal error: {exc!r}"}
+                await self._reply(writer, resp)
+        except (ConnectionError, BrokenPipeError):
+            pass
+        finally:
+            self.tasks.discard(task)
+            writer.close()
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, obj: dict) -> None:
+        writer.write(json.dumps(obj).encode() + b"\n")
+        await writer.drain()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for t in list(self.tasks):
+            t.cancel()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class ControlClient:
+    """Blocking client for the CLI (one request per call)."""
+
+    def __init__(self, path: str, timeout_s: float | None = 30.0) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+
+    def call(self, op: str, timeout_s: float | None = -1.0, **args) -> Any:
+        import socket
+
+        t = self.timeout_s if timeout_s == -1.0 else timeout_s
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(t)
+            try:
+                s.connect(self.path)
+            except OSError as exc:
+                raise AgentError(f"cannot reach the agent at {self.path}: {exc}") from exc
+            s.sendall(json.dumps({"op": op, "args": args}).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise AgentError(f"the agent at {self.path} closed the connection")
+                buf += chunk
+        resp = json.loads(buf)
+        if not resp.get("ok"):
+            raise AgentError(resp.get("error", "unknown error"))
+        return resp["result"]

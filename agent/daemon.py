@@ -1,0 +1,296 @@
+"""Agent: composes the registry, the endpoints and the migration drivers.
+
+Lifecycle (uvicorn order): ``start()`` adopts VMs left from a previous run,
+binds the migration endpoint and the control socket, and returns the bound
+migration address; ``serve()`` waits for the stop event; ``shutdown(grace)``
+stops accepting, lets running migrations finish or roll back within
+``grace``, cancels the rest (which rolls them back), and closes the
+endpoints.
+
+VMs outlive the agent (libvirt's choice, ``KillMode=process``): guests run
+in their own sessions and the next start re-adopts them.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import psutil
+
+from memstore import GuestRam, parse_size
+
+from .config import AgentConfig, NAME_RE, parse_hostport
+from .control import ControlServer
+from .endpoint import MigrationEndpoint
+from .errors import AgentError, VmError
+from .host import Host
+from .jobs import Job
+from .logs import get_logger
+from .phases import MigrationPhase, is_cancellable
+from .registry import VmRegistry
+from .source import SourceMigration
+from .vm import Vm, VmRecord, check_workload
+
+log = get_logger("livemig.agent")
+
+MEMORY_HEADROOM_BYTES = 256 * 2**20
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        a = cfg.agent
+        os.makedirs(a.data_dir, mode=0o700, exist_ok=True)
+        registry = VmRegistry(a.data_dir, a.shm_prefix, a.name)
+        self.host = Host(cfg=cfg, registry=registry, auth_key=cfg.auth_key())
+        self.endpoint = MigrationEndpoint(self.host)
+        self.control = ControlServer(a.control, a.control_mode, self._handlers())
+        self.stop_event = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+        self.started_at = time.time()
+
+    # ---- lifecycle -------------------------------------------------------
+    async def start(self) -> tuple[str, int]:
+        log.info("config_loaded", **self.cfg.as_dict())
+        adopted = self.host.registry.adopt(self.host.guest_log_dir)
+        log.info("vms_adopted", **adopted)
+        addr = await self.endpoint.start()
+        self.host.listen_addr = f"{addr[0]}:{addr[1]}"
+        await self.control.start()
+        log.info("listening", migration=self.host.listen_addr, control=self.cfg.agent.control, pid=os.getpid())
+        return addr
+
+    async def serve(self) -> None:
+        await self.stop_event.wait()
+
+    def request_stop(self) -> None:
+        self.stop_event.set()
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        log.info("shutting_down", running_jobs=len(self.host.jobs.running()))
+        self.endpoint.close()
+        outbound = [t for t in self.tasks if not t.done()]
+        if outbound:
+            _, pending = await asyncio.wait(outbound, timeout=grace_s)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=10.0)
+        await self.endpoint.shutdown(grace_s=1.0)
+        await self.control.close()
+        for vm in self.host.registry:
+            vm.ram.close()
+        log.info("stopped", vms_left_running=len(self.host.registry))
+
+    def _track(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task_crashed", error=repr(task.exception()))
+
+    # ---- control handlers ----------------------------------------------
+    def _handlers(self):
+        return {
+            "ping": self.op_ping,
+            "status": self.op_status,
+            "vm.create": self.op_vm_create,
+            "vm.list": self.op_vm_list,
+            "vm.show": self.op_vm_show,
+            "vm.delete": self.op_vm_delete,
+            "migrate": self.op_migrate,
+            "jobs": self.op_jobs,
+            "job.show": self.op_job_show,
+            "job.wait": self.op_job_wait,
+            "cancel": self.op_cancel,
+            "config.set": self.op_config_set,
+        }
+
+    async def op_ping(self, args: dict):
+        return {"agent": self.host.name, "pid": os.getpid()}
+
+    async def op_status(self, args: dict):
+        h = self.host
+        return {
+            "agent": h.name,
+            "pid": os.getpid(),
+            "listen": h.listen_addr,
+            "control": self.cfg.agent.control,
+            "vms": len(h.registry),
+            "max_live_migrations": h.slots.limit,
+            "live_migrations_running": h.slots.in_use,
+            "maintenance": h.maintenance,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "rss_bytes": psutil.Process().memory_info().rss,
+        }
+
+    async def op_vm_create(self, args: dict):
+        name = args["name"]
+        if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
+            raise VmError(f"bad VM name {name!r}: use 1-64 of A-Z a-z 0-9 _ -")
+        memory = args.get("memory", "256M")
+        try:
+            memory_bytes = parse_size(memory) if isinstance(memory, str) else int(memory)
+        except ValueError as exc:
+            raise VmError(str(exc)) from exc
+        workload = args.get("workload", "idle")
+        check_workload(workload, memory_bytes)
+        reg = self.host.registry
+        if name in reg:
+            raise VmError(f"a VM named {name!r} already exists on {self.host.name}")
+        available = psutil.virtual_memory().available - sum(reg.reserved.values()) - MEMORY_HEADROOM_BYTES
+        if memory_bytes > available:
+            raise VmError(f"not enough memory: VM needs {memory_bytes / 2**20:.0f} MiB, "
+                          f"{max(available, 0) / 2**20:.0f} MiB available")
+        vm_id = Vm.new_id()
+        seg = reg.segment_name(name, vm_id)
+        ram = GuestRam.create(seg, memory_bytes)
+        vm = None
+        try:
+            ram.ctl.workload = workload
+            ram.ctl.seed = int.from_bytes(os.urandom(8), "little") >> 1
+            rec = VmRecord(name=name, id=vm_id, memory_bytes=memory_bytes, workload=workload, segment=seg)
+            vm = Vm(rec, ram)
+            reg.add(vm)
+            vm.start_guest(self.host.guest_log(name))
+            reg.save(vm)
+            await vm.wait_running(self.cfg.migration.guest_ack_timeout_s)
+        except BaseException:
+            if vm is not None:
+                await vm.stop_guest(1.0)
+                reg.remove(vm)
+            ram.close()
+            ram.unlink()
+            raise
+        log.info("vm_created", vm=name, memory_bytes=memory_bytes, workload=workload, segment=seg)
+        return vm.info()
+
+    async def op_vm_list(self, args: dict):
+        return [vm.info() for vm in self.host.registry]
+
+    async def op_vm_show(self, args: dict):
+        return self.host.registry.get(args["name"]).info()
+
+    async def op_vm_delete(self, args: dict):
+        vm = self.host.registry.get(args["name"])
+        if vm.migrating is not None:
+            raise VmError(f"{vm.name} is migrating (job {vm.migrating}); cancel it first")
+        if vm.record.state == "incoming":
+            raise VmError(f"{vm.name} is arriving by migration; it can be deleted once it runs here")
+        await vm.stop_guest(self.cfg.migration.guest_ack_timeout_s)
+        vm.release()
+        self.host.registry.remove(vm)
+        log.info("vm_deleted", vm=vm.name)
+        return {"deleted": vm.name}
+
+    async def op_migrate(self, args: dict):
+        vm = self.host.registry.get(args["vm"])
+        to = args["to"]
+        peer_host, peer_port = parse_hostport(to)
+        if vm.migrating is not None:
+            raise VmError(f"{vm.name} is already migrating (job {vm.migrating})")
+        if vm.record.state == "incoming":
+            raise VmError(f"{vm.name} is still arriving here")
+        if vm.state() != "running":
+            raise VmError(f"{vm.name} is {vm.state()}; only a running VM can be live-migrated")
+        job = Job(vm=vm.name, source=self.host.listen_addr or self.host.name, destination=to, direction="outbound")
+        self.host.jobs.add(job)
+        vm.migrating = job.id
+        driver = SourceMigration(self.host, job, vm, peer_host, peer_port,
+                                 downtime_target_ms=args.get("downtime_ms"),
+                                 max_bandwidth_mibps=args.get("max_bandwidth_mibps"))
+
+        async def run():
+            try:
+                await self.host.slots.acquire()
+            except asyncio.CancelledError:
+                vm.migrating = None
+                job.tracker.set_phase(expected=MigrationPhase.QUEUED, new=MigrationPhase.CANCELLING)
+                job.tracker.set_phase(expected=MigrationPhase.CANCELLING, new=MigrationPhase.CANCELLED)
+                job.error = "cancelled while queued"
+                job.finish()
+                raise
+            try:
+                await driver.run()
+            finally:
+                self.host.slots.release()
+
+        job.task = self._track(run())
+        log.info("migration_queued", job=job.id, vm=vm.name, to=to)
+        if args.get("wait"):
+            await job.done.wait()
+            return job.report()
+        return job.summary()
+
+    async def op_jobs(self, args: dict):
+        return [j.summary() for j in self.host.jobs]
+
+    def _job(self, job_id: str) -> Job:
+        job = self.host.jobs.get(job_id)
+        if job is None:
+            raise AgentError(f"no job {job_id!r} on {self.host.name}")
+        return job
+
+    async def op_job_show(self, args: dict):
+        return self._job(args["id"]).report()
+
+    async def op_job_wait(self, args: dict):
+        job = self._job(args["id"])
+        await job.done.wait()
+        return job.report()
+
+    async def op_cancel(self, args: dict):
+        job = self._job(args["id"])
+        if job.direction != "outbound" or job.task is None:
+            raise AgentError(f"job {job.id} is inbound; cancel it on its source")
+        if job.done.is_set():
+            raise AgentError(f"job {job.id} already ended ({job.phase.value})")
+        if not is_cancellable(job.phase):
+            raise AgentError(f"job {job.id} is in {job.phase.value}; it can no longer be cancelled")
+        job.task.cancel()
+        await job.done.wait()
+        return job.report()
+
+    async def op_config_set(self, args: dict):
+        key, value = args["key"], args["value"]
+        if key in ("max-live-migrations", "max_live_migrations", "limits.max_live_migrations"):
+            n = int(value)
+            if not 1 <= n <= 1024:
+                raise AgentError("max-live-migrations: 1..1024")
+            self.host.slots.set_limit(n)
+            return {"max_live_migrations": n}
+        raise AgentError(f"unknown or read-only setting {key!r}")
+
+
+async def run_agent(cfg: AgentConfig, grace_s: float = 10.0) -> int:
+    agent = Agent(cfg)
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("signal_received", action="graceful shutdown")
+            agent.request_stop()
+        else:
+            log.warning("signal_received", action="forced exit")
+            os._exit(1)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        await agent.start()
+    except (AgentError, OSError) as exc:
+        log.error("start_failed", error=str(exc))
+        await agent.control.close()
+        return 1
+    await agent.serve()
+    await agent.shutdown(grace_s)
+    return 0

@@ -1,0 +1,331 @@
+"""DestinationMigration: one inbound connection, from Hello to Committed.
+
+The destination admits the VM (name free, not in maintenance, a live slot,
+memory: psutil's available memory minus what other inbound migrations
+reserved), builds an empty shell (segment created and pre-faulted), then
+lets the transport write page payloads straight into the shell. After the
+source's StateTransfer it hashes what it holds and sends the digests; on
+Resume it starts the guest from the shipped vCPU state and answers Resumed.
+
+Ownership: until Resume the source owns the VM and any failure here
+discards the shell. From Resume on this host owns it: the record is saved
+as running *before* the guest starts, so a crash in between is repaired by
+the restart (the guest is restarted from the shell's state) and answered
+"running" to the source's in-doubt query.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import psutil
+import structlog
+
+from memstore import PAGE_SIZE, GuestRam, chunk_digests
+from protocol import (
+    Abort,
+    Auth,
+    BatchFlags,
+    Commit,
+    Committed,
+    Digests,
+    ErrorCode,
+    Hello,
+    MigrationSession,
+    PageBatch,
+    Prepare,
+    ProtocolError,
+    Query,
+    QueryResult,
+    Ready,
+    Reject,
+    RemoteProtocolError,
+    Resume,
+    Resumed,
+    Role,
+    RoundEnd,
+    StateTransfer,
+    Welcome,
+    auth_proof,
+    check_proof,
+    make_nonce,
+    negotiate,
+    Capabilities,
+)
+
+from .errors import AdmissionRefused, AgentError, PeerLost
+from .host import Host
+from .jobs import Job
+from .logs import get_logger
+from .peer import AUTH_FEATURE
+from .phases import MigrationPhase as P
+from .source import DIGEST_CHUNK_PAGES
+from .transport import FrameProtocol
+from .vm import Vm, VmRecord, check_workload
+
+log = get_logger("livemig.destination")
+
+MEMORY_HEADROOM_BYTES = 256 * 2**20     # keep this much available for the host itself
+_ZERO = bytes(64 * PAGE_SIZE)
+REASON_CHARS = 1000
+
+
+class DestinationMigration:
+    def __init__(self, host: Host, conn: FrameProtocol) -> None:
+        self.host = host
+        self.conn = conn
+        self.job: Job | None = None
+        self.vm: Vm | None = None
+        self.owned = False          # True from Resume on: never discard after that
+        self.slot = False
+        self.reserved_name: str | None = None
+
+    async def run(self) -> None:
+        conn = self.conn
+        try:
+            prepare = await self._handshake()
+            if prepare is None:
+                return
+            await self._migrate(prepare)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._discard("cancelled (agent shutting down)", ErrorCode.CANCELLED))
+            raise
+        except ProtocolError as exc:
+            log.warning("peer_protocol_error", peer=conn.peer, error=str(exc), code=exc.code.name)
+            await self._discard(str(exc), exc.code)
+        except AdmissionRefused as exc:
+            log.warning("admission_refused", peer=conn.peer, reason=str(exc))
+            await self._discard(str(exc), ErrorCode(exc.code or ErrorCode.BUSY), reject=True)
+        except (AgentError, OSError) as exc:
+            log.warning("inbound_failed", peer=conn.peer, error=str(exc))
+            await self._discard(str(exc), ErrorCode.INTERNAL)
+        except Exception as exc:
+            log.exception("inbound_internal_error", peer=conn.peer)
+            await self._discard(f"internal error: {exc!r}", ErrorCode.INTERNAL)
+        finally:
+            if self.slot:
+                self.host.slots.release()
+            if self.reserved_name is not None:
+                self.host.registry.reserved.pop(self.reserved_name, None)
+            if self.job is not None and not self.job.done.is_set():
+                self.job.finish()
+            await conn.wait_closed()
+
+    # ---- handshake ---------------------------------------------------------
+    async def _handshake(self) -> Prepare | None:
+        host, conn = self.host, self.conn
+        t = host.cfg.migration.handshake_timeout_s
+        hello = await conn.recv(t)
+        assert isinstance(hello, Hello)
+        caps = host.capabilities()
+        features = caps.features if host.auth_key else caps.features - {AUTH_FEATURE}
+        local = Capabilities(caps.version_min, caps.version_max, frozenset(features), caps.max_live_migrations)
+        remote = Capabilities(hello.version_min, hello.version_max, frozenset(hello.features), hello.max_live_migrations)
+        try:
+            agreement = negotiate(local, remote)
+            if host.auth_key and AUTH_FEATURE not in agreement.features:
+                raise AdmissionRefused("this agent requires authentication (migration.auth_key_file)", ErrorCode.AUTH_FAILED)
+        except ProtocolError as exc:
+            await conn.send(Reject(code=exc.code, reason=str(exc)[:REASON_CHARS]))
+            return None
+        except AdmissionRefused as exc:
+            await conn.send(Reject(code=ErrorCode(exc.code), reason=str(exc)[:REASON_CHARS]))
+            return None
+        nonce = make_nonce()
+        proof = auth_proof(host.auth_key, "server", hello.nonce, nonce) if AUTH_FEATURE in agreement.features else b""
+        if proof:   # before Welcome goes out: the source's Auth may arrive at once
+            conn.session.set_auth_required(True)
+        await conn.send(Welcome(
+            version=agreement.version, agent=host.name, features=tuple(sorted(agreement.features)),
+            max_live_migrations=caps.max_live_migrations, slots=agreement.slots, nonce=nonce, proof=proof,
+        ))
+        if proof:
+            auth = await conn.expect(Auth, t)
+            try:
+                check_proof(host.auth_key, "client", hello.nonce, nonce, auth.proof)
+            except ProtocolError as exc:
+                await conn.send(Reject(code=exc.code, reason="authentication failed"))
+                return None
+        msg = await conn.recv(t)
+        if isinstance(msg, Query):
+            await conn.send(QueryResult(migration_id=msg.migration_id, state=self._query(msg.migration_id)))
+            return None
+        assert isinstance(msg, Prepare)
+        self.agreement = agreement
+        self.peer_agent = hello.agent
+        return msg
+
+    def _query(self, migration_id: str) -> str:
+        for vm in self.host.registry:
+            if vm.record.migration_id == migration_id and vm.record.state != "incoming":
+                return "running"
+        job = self.host.jobs.get(migration_id)
+        if job is not None and not job.done.is_set():
+            return "in-progress"
+        if job is not None:
+            return "discarded"
+        return "unknown"
+
+    # ---- admission and shell -------------------------------------------
+    def _admit(self, p: Prepare) -> None:
+        host = self.host
+        if host.maintenance:
+            raise AdmissionRefused(f"host {host.name} is in maintenance and accepts no VMs", ErrorCode.MAINTENANCE)
+        if p.vm in host.registry:
+            raise AdmissionRefused(f"a VM named {p.vm!r} already exists on {host.name}", ErrorCode.VM_EXISTS)
+        try:
+            check_workload(p.workload, p.memory_bytes)
+        except AgentError as exc:
+            raise AdmissionRefused(f"cannot run this VM here: {exc}", ErrorCode.INCOMPATIBLE) from exc
+        available = psutil.virtual_memory().available - sum(host.registry.reserved.values()) - MEMORY_HEADROOM_BYTES
+        if p.memory_bytes > available:
+            raise AdmissionRefused(
+                f"not enough memory on {host.name}: VM needs {p.memory_bytes / 2**20:.0f} MiB, "
+                f"{max(available, 0) / 2**20:.0f} MiB available", ErrorCode.NO_MEMORY)
+        if not host.slots.try_acquire():
+            raise AdmissionRefused(
+                f"{host.name} runs {host.slots.in_use} of {host.slots.limit} live migrations", ErrorCode.BUSY)
+        self.slot = True
+        host.registry.reserved[p.vm] = p.memory_bytes
+        self.reserved_name = p.vm
+
+    async def _migrate(self, p: Prepare) -> None:
+        host, conn = self.host, self.conn
+        mcfg = host.cfg.migration
+        job = Job(vm=p.vm, source=p.source, destination=host.name, direction="inbound", job_id=p.migration_id)
+        job.slots = self.agreement.slots
+        job.started_at = time.time()
+        self.job = host.jobs.add(job)
+        job.tracker._on_change = lambda o, n, ms: log.info("phase_changed", old=o.value, new=n.value,
+                                                           elapsed_ms=round(ms, 1))
+        with structlog.contextvars.bound_contextvars(migration_id=job.id, vm=p.vm, role="destination",
+                                                     peer=self.peer_agent):
+            job.tracker.set_phase(expected=P.QUEUED, new=P.NEGOTIATE)
+            self._admit(p)
+            job.tracker.set_phase(expected=P.NEGOTIATE, new=P.SETUP)
+            t0 = time.monotonic()
+            vm_id = Vm.new_id()
+            seg = host.registry.segment_name(p.vm, vm_id)
+            ram = GuestRam.create(seg, p.memory_bytes)
+            rec = VmRecord(name=p.vm, id=vm_id, memory_bytes=p.memory_bytes, workload=p.workload,
+                           segment=seg, state="incoming", migration_id=job.id)
+            self.vm = Vm(rec, ram)
+            host.registry.reserved.pop(p.vm, None)
+            self.reserved_name = None
+            host.registry.add(self.vm)
+            await asyncio.to_thread(ram.prefault)
+            job.stats.prefault_ms = (time.monotonic() - t0) * 1000.0
+            job.stats.ram_bytes = p.memory_bytes
+            job.stats.pages_total = ram.npages
+            conn.payload_sink = self._sink
+            await conn.send(Ready(migration_id=job.id, prefault_ms=int(job.stats.prefault_ms)))
+            log.info("shell_ready", prefault_ms=round(job.stats.prefault_ms, 1), memory_bytes=p.memory_bytes)
+            job.tracker.set_phase(expected=P.SETUP, new=P.PRECOPY)
+
+            state = await self._receive_pages()
+            job.tracker.set_phase(expected=P.PRECOPY, new=P.STOP_AND_COPY)
+            conn.payload_sink = None
+            self.vm.ctl.load_vcpu_state(state.vcpu_state)
+            job.tracker.set_phase(expected=P.STOP_AND_COPY, new=P.VERIFY)
+            t_v = time.monotonic()
+            digests = await asyncio.to_thread(chunk_digests, ram.ram, DIGEST_CHUNK_PAGES)
+            job.stats.verify_ms = (time.monotonic() - t_v) * 1000.0
+            await conn.send(Digests(chunk_pages=DIGEST_CHUNK_PAGES, digests=digests))
+            await conn.expect(Resume, mcfg.io_timeout_s)
+            job.verified = True        # the source compared and said Resume
+            job.tracker.set_phase(expected=P.VERIFY, new=P.RESUME)
+
+            # From here this host owns the VM.
+            self.owned = True
+            rec.state = "running"
+            host.registry.save(self.vm)
+            self.vm.start_guest(host.guest_log(p.vm))
+            await self.vm.wait_running(mcfg.guest_ack_timeout_s)
+            writes = int(self.vm.ctl.writes)
+            job.stats.writes_after_resume = writes
+            await conn.send(Resumed(writes=writes))
+            job.tracker.set_phase(expected=P.RESUME, new=P.COMMIT)
+            try:
+                await conn.expect(Commit, mcfg.io_timeout_s)
+                await conn.send(Committed())
+            except (AgentError, ProtocolError) as exc:
+                log.warning("commit_not_received", error=str(exc))
+            job.tracker.set_phase(expected=P.COMMIT, new=P.COMPLETED)
+            job.finish()
+            log.info("inbound_completed", writes=writes)
+
+    def _sink(self, batch: PageBatch):
+        npages = self.vm.ram.npages
+        ram = self.vm.ram.ram
+        out = []
+        for first, count in batch.runs:
+            if first + count > npages:
+                raise RemoteProtocolError(f"pages {first}+{count} beyond the VM's {npages} pages", ErrorCode.MALFORMED)
+            out.append(ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE])
+        return out
+
+    async def _receive_pages(self) -> StateTransfer:
+        conn, st = self.conn, self.job.stats
+        timeout = self.host.cfg.migration.io_timeout_s
+        ram = self.vm.ram
+        while True:
+            msg = await conn.recv(timeout)
+            if isinstance(msg, PageBatch):
+                if msg.flags & BatchFlags.ZERO:
+                    self._zero(msg)
+                else:
+                    st.pages_sent += msg.pages
+                    st.bytes_sent += msg.payload_len
+            elif isinstance(msg, RoundEnd):
+                st.rounds = msg.round
+                st.remaining_bytes = msg.dirty_pages * PAGE_SIZE
+            elif isinstance(msg, StateTransfer):
+                return msg
+            else:  # the session allows nothing else here
+                raise RemoteProtocolError(f"unexpected {type(msg).__name__}", ErrorCode.UNEXPECTED)
+
+    def _zero(self, msg: PageBatch) -> None:
+        ram = self.vm.ram
+        st = self.job.stats
+        for first, count in msg.runs:
+            if first + count > ram.npages:
+                raise RemoteProtocolError(f"zero pages {first}+{count} beyond the VM", ErrorCode.MALFORMED)
+            st.zero_pages += count
+            if msg.round == 1:
+                continue            # a fresh shell is zero already; round 1 sends each page once
+            for a in range(first, first + count, 64):
+                n = min(64, first + count - a)
+                ram.ram[a * PAGE_SIZE:(a + n) * PAGE_SIZE] = _ZERO[: n * PAGE_SIZE]
+
+    # ---- failure -----------------------------------------------------------
+    async def _discard(self, reason: str, code: ErrorCode, reject: bool = False) -> None:
+        job = self.job
+        if self.owned:
+            # The guest already runs here; the source has committed or will learn it by query.
+            log.warning("inbound_error_after_resume", error=reason)
+            if job is not None and job.phase is P.RESUME:
+                job.tracker.set_phase(expected=P.RESUME, new=P.COMMIT)
+            if job is not None and job.phase is P.COMMIT:
+                job.tracker.set_phase(expected=P.COMMIT, new=P.COMPLETED)
+            return
+        if reject and job is not None and job.phase in (P.NEGOTIATE,):
+            try:
+                await self.conn.send(Reject(code=code, reason=reason[:REASON_CHARS]))
+            except (AgentError, ProtocolError):
+                pass
+        elif not isinstance(self.conn.failure, (PeerLost,)):
+            await self.conn.abort(code, reason)
+        vm = self.vm
+        if vm is not None:
+            self.conn.close()
+            await self.conn.wait_closed()     # the transport may hold views of the shell
+            await vm.stop_guest(self.host.cfg.migration.guest_ack_timeout_s)
+            vm.release()
+            self.host.registry.remove(vm)
+            self.vm = None
+        if job is not None and job.phase not in (P.COMPLETED, P.FAILED, P.CANCELLED):
+            job.error = reason
+            cancelled = code == ErrorCode.CANCELLED
+            job.tracker.set_phase(expected=job.phase, new=P.CANCELLING if cancelled else P.ROLLING_BACK)
+            job.tracker.set_phase(expected=job.phase, new=P.CANCELLED if cancelled else P.FAILED)
+        log.info("shell_discarded", reason=reason)

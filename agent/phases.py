@@ -1,0 +1,107 @@
+"""Migration phases: one enum, one transition table, one compare-and-swap setter.
+
+Compare QEMU's ``MigrationStatus`` and ``migrate_set_state``: a phase moves
+only from the phase the caller expects, and only along ``TRANSITIONS``.
+Both drivers (source and destination) use the same vocabulary; the values
+are what logs, ``jobs --json`` and reports show.
+
+    queued -> negotiate -> setup -> precopy -> stop-and-copy -> verify
+           -> resume -> commit -> completed
+    any non-final phase -> cancelling -> cancelled
+    any non-final phase -> rolling-back -> failed
+"""
+from __future__ import annotations
+
+import enum
+import time
+from typing import Final, Mapping
+
+from .errors import InvalidTransition
+
+
+class MigrationPhase(enum.Enum):
+    QUEUED = "queued"
+    NEGOTIATE = "negotiate"
+    SETUP = "setup"
+    PRECOPY = "precopy"
+    STOP_AND_COPY = "stop-and-copy"
+    VERIFY = "verify"
+    RESUME = "resume"
+    COMMIT = "commit"
+    COMPLETED = "completed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    ROLLING_BACK = "rolling-back"
+    FAILED = "failed"
+
+
+P = MigrationPhase
+_ACTIVE = (P.QUEUED, P.NEGOTIATE, P.SETUP, P.PRECOPY, P.STOP_AND_COPY, P.VERIFY, P.RESUME)
+_ABORT = frozenset({P.CANCELLING, P.ROLLING_BACK})
+
+TRANSITIONS: Final[Mapping[MigrationPhase, frozenset[MigrationPhase]]] = {
+    P.QUEUED: frozenset({P.NEGOTIATE}) | _ABORT,
+    P.NEGOTIATE: frozenset({P.SETUP}) | _ABORT,
+    P.SETUP: frozenset({P.PRECOPY}) | _ABORT,
+    P.PRECOPY: frozenset({P.STOP_AND_COPY}) | _ABORT,
+    P.STOP_AND_COPY: frozenset({P.VERIFY}) | _ABORT,
+    P.VERIFY: frozenset({P.RESUME}) | _ABORT,
+    # Once the destination runs the guest, cancel is no longer possible;
+    # only a failure to confirm rolls back.
+    P.RESUME: frozenset({P.COMMIT, P.ROLLING_BACK}),
+    # Commit is the point of no return: the destination owns the VM.
+    P.COMMIT: frozenset({P.COMPLETED}),
+    P.CANCELLING: frozenset({P.CANCELLED}),
+    P.ROLLING_BACK: frozenset({P.FAILED}),
+    P.COMPLETED: frozenset(),
+    P.CANCELLED: frozenset(),
+    P.FAILED: frozenset(),
+}
+
+FINAL: Final = frozenset({P.COMPLETED, P.CANCELLED, P.FAILED})
+
+
+def is_terminal(phase: MigrationPhase) -> bool:
+    return phase in FINAL
+
+
+def is_active(phase: MigrationPhase) -> bool:
+    return phase in _ACTIVE or phase is P.COMMIT
+
+
+def is_cancellable(phase: MigrationPhase) -> bool:
+    return P.CANCELLING in TRANSITIONS[phase]
+
+
+class PhaseTracker:
+    """Holds one migration's phase and the time spent in each.
+
+    ``set_phase(expected=..., new=...)`` is the only way to move; it raises
+    ``InvalidTransition`` when the current phase is not ``expected`` or the
+    move is not in the table. ``on_change(old, new, elapsed_ms)`` is called
+    after every move (the driver logs it).
+    """
+
+    def __init__(self, initial: MigrationPhase = P.QUEUED, on_change=None) -> None:
+        self._phase = initial
+        self._since = time.monotonic()
+        self.durations_ms: dict[str, float] = {}
+        self._on_change = on_change
+
+    @property
+    def phase(self) -> MigrationPhase:
+        return self._phase
+
+    def set_phase(self, *, expected: MigrationPhase | tuple[MigrationPhase, ...], new: MigrationPhase) -> None:
+        allowed = expected if isinstance(expected, tuple) else (expected,)
+        old = self._phase
+        if old not in allowed:
+            raise InvalidTransition(f"phase is {old.value}, expected {'|'.join(p.value for p in allowed)}")
+        if new not in TRANSITIONS[old]:
+            raise InvalidTransition(f"{old.value} -> {new.value} is not a legal transition")
+        now = time.monotonic()
+        elapsed_ms = (now - self._since) * 1000.0
+        self.durations_ms[old.value] = self.durations_ms.get(old.value, 0.0) + elapsed_ms
+        self._phase, self._since = new, now
+        if self._on_change is not None:
+            self._on_change(old, new, elapsed_ms)

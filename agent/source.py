@@ -1,0 +1,432 @@
+"""SourceMigration: walks one outbound migration through its phases.
+
+    negotiate  connect, Hello/Welcome(/Auth), Prepare -> Ready
+    setup      (destination builds and pre-faults the shell)
+    precopy    round 1: every page (zero pages announced); rounds 2..n: the
+               pages dirtied since the previous collect, until the rest fits
+               the downtime target, max rounds, or a stall (convergence.py);
+               auto-converge throttles the guest that dirties faster than
+               the link carries
+    stop-and-copy  pause the guest, send the last dirty pages + vCPU/device state
+    verify     destination sends chunk digests of what it holds; we hash the
+               frozen source and compare
+    resume     Resume -> destination starts the guest -> Resumed
+    commit     release the source copy (guest process, segment, record)
+
+Any failure before Resume was sent rolls back: Abort to the peer, resume
+the guest here. After Resume was sent and before Resumed arrived the
+outcome is in doubt; ``_resolve_in_doubt`` asks the destination on a new
+connection which way it went, and never resumes here while the
+destination may be running the VM.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgpack
+import structlog
+
+from memstore import PAGE_SIZE, DirtyMap, PageRun, chunk_digests, diff_chunks, split_zero
+from protocol import (
+    BatchFlags,
+    Commit,
+    Committed,
+    Digests,
+    ErrorCode,
+    PageBatch,
+    Prepare,
+    ProtocolError,
+    Query,
+    QueryResult,
+    Ready,
+    Resume,
+    Resumed,
+    RoundEnd,
+    StateTransfer,
+)
+
+from . import convergence
+from .errors import AgentError, MigrationAborted, PeerError, PeerLost, VmError
+from .host import Host
+from .jobs import Job
+from .logs import get_logger
+from .peer import open_session
+from .phases import MigrationPhase as P
+from .stats import BandwidthMeter
+from .vm import Vm
+
+log = get_logger("livemig.source")
+
+BATCH_PAGES = 256               # 1 MiB of payload per data batch
+BATCH_RUNS = 1024
+ZERO_BATCH_PAGES = 16384
+DIGEST_CHUNK_PAGES = 256
+YIELD_EVERY_BATCHES = 32        # let the loop serve control requests during a long pass
+
+
+def batches(runs, max_pages: int = BATCH_PAGES, max_runs: int = BATCH_RUNS):
+    """Group page runs into batches of at most max_pages pages and max_runs runs."""
+    cur: list[tuple[int, int]] = []
+    n = 0
+    for first, count in runs:
+        while count:
+            take = min(count, max_pages - n)
+            cur.append((first, take))
+            n += take
+            first += take
+            count -= take
+            if n == max_pages or len(cur) == max_runs:
+                yield cur
+                cur, n = [], 0
+    if cur:
+        yield cur
+
+
+class SourceMigration:
+    def __init__(self, host: Host, job: Job, vm: Vm, peer_host: str, peer_port: int, *,
+                 downtime_target_ms: int | None = None, max_bandwidth_mibps: int | None = None) -> None:
+        self.host = host
+        self.job = job
+        self.vm = vm
+        self.peer_host, self.peer_port = peer_host, peer_port
+        mcfg = host.cfg.migration
+        self.downtime_target_ms = downtime_target_ms or mcfg.downtime_target_ms
+        bw = mcfg.max_bandwidth_mibps if max_bandwidth_mibps is None else max_bandwidth_mibps
+        self.max_bandwidth_bps = bw * 2**20
+        self.conn = None
+        self.paused = False
+        self.resume_sent = False
+        self.t_pause = 0.0
+        self.meter = BandwidthMeter()
+        self._bw_t0 = 0.0
+        self._bw_bytes = 0
+        job.tracker._on_change = self._phase_changed
+
+    def _phase_changed(self, old, new, elapsed_ms) -> None:
+        log.info("phase_changed", old=old.value, new=new.value, elapsed_ms=round(elapsed_ms, 1))
+
+    # ---- entry -------------------------------------------------------------
+    async def run(self) -> None:
+        job = self.job
+        with structlog.contextvars.bound_contextvars(
+            migration_id=job.id, vm=job.vm, role="source", peer=job.destination
+        ):
+            try:
+                await self._migrate()
+            except asyncio.CancelledError:
+                await asyncio.shield(self._rollback("cancelled", cancelled=True))
+                raise
+            except (AgentError, ProtocolError, OSError) as exc:
+                await self._rollback(str(exc))
+            except Exception as exc:  # a bug must still roll back, never strand the guest
+                log.exception("migration_internal_error")
+                await self._rollback(f"internal error: {exc!r}")
+            finally:
+                if self.conn is not None:
+                    self.conn.close()
+                job.finish()
+
+    # ---- the phases ------------------------------------------------------
+    async def _migrate(self) -> None:
+        job, vm, host = self.job, self.vm, self.host
+        mcfg = host.cfg.migration
+        ram = vm.ram
+        st = job.stats
+        st.ram_bytes = vm.record.memory_bytes
+        st.pages_total = ram.npages
+        job.started_at = time.time()
+        job.tracker.set_phase(expected=P.QUEUED, new=P.NEGOTIATE)
+        vm.migrating = job.id
+        st.guest_rate_before_pps = int(vm.ctl.rate_pps)
+
+        self.conn, agreement, welcome = await open_session(host, self.peer_host, self.peer_port)
+        job.slots = agreement.slots
+        log.info("negotiated", version=agreement.version, slots=agreement.slots,
+                 features=sorted(agreement.features), peer_agent=welcome.agent)
+        conn = self.conn
+        await conn.send(Prepare(
+            migration_id=job.id, vm=vm.name, memory_bytes=vm.record.memory_bytes,
+            workload=vm.record.workload, features=(), source=host.name,
+        ))
+        job.tracker.set_phase(expected=P.NEGOTIATE, new=P.SETUP)
+        # The destination creates and pre-faults the shell; allow time for that.
+        prefault_budget_s = mcfg.io_timeout_s + vm.record.memory_bytes / 2**30 * 5.0
+        ready = await conn.expect(Ready, prefault_budget_s)
+        st.prefault_ms = ready.prefault_ms
+
+        job.tracker.set_phase(expected=P.SETUP, new=P.PRECOPY)
+        dirty = DirtyMap(ram.dirty)
+        dirty.collect()                                 # start tracking: everything is sent below
+        self._bw_t0 = time.monotonic()
+        t_round = time.monotonic()
+        sent = await self._send_full_pass()
+        await self._end_round(1, sent, dirty, t_round)
+
+        throttle_over = 0
+        history: list[int] = [st.remaining_bytes]
+        while True:
+            decision = convergence.should_complete(convergence.RoundFacts(
+                round=st.rounds, remaining_bytes=st.remaining_bytes,
+                bandwidth_bps=st.bandwidth_bps, downtime_target_ms=self.downtime_target_ms,
+                max_rounds=mcfg.max_rounds, throttle_pct=st.throttle_pct,
+                remaining_history=tuple(history[:-1]),
+            ))
+            if decision is not convergence.Decision.ITERATE:
+                st.convergence = decision.value
+                break
+            t_round = time.monotonic()
+            runs = dirty.collect()
+            st.dirty_syncs += 1
+            sent = await self._send_runs(runs, st.rounds + 1)
+            dirtied_during = dirty.count() * PAGE_SIZE
+            await self._end_round(st.rounds + 1, sent, dirty, t_round)
+            history.append(st.remaining_bytes)
+            new_pct, throttle_over = convergence.next_throttle(
+                st.throttle_pct, dirtied_during, sent * PAGE_SIZE, throttle_over)
+            if new_pct != st.throttle_pct:
+                st.throttle_pct = new_pct
+                vm.ctl.throttle_pct = new_pct
+                log.info("auto_converge_throttle", throttle_pct=new_pct)
+
+        # ---- stop-and-copy: the guest is paused from here until the destination resumes
+        job.tracker.set_phase(expected=P.PRECOPY, new=P.STOP_AND_COPY)
+        st.guest_rate_during_pps = int(vm.ctl.rate_pps)
+        self.t_pause = time.monotonic()
+        await vm.pause(mcfg.guest_ack_timeout_s)
+        self.paused = True
+        st.writes_at_pause = int(vm.ctl.writes)
+        runs = dirty.collect()
+        st.dirty_syncs += 1
+        t_round = time.monotonic()
+        sent = await self._send_runs(runs, st.rounds + 1)
+        st.stop_copy_pages = sent
+        await self._end_round(st.rounds + 1, sent, dirty, t_round)
+        device_state = msgpack.packb({"vm": vm.name, "memory_bytes": vm.record.memory_bytes,
+                                      "workload": vm.record.workload})
+        await conn.send(StateTransfer(vcpu_state=vm.ctl.vcpu_state(), device_state=device_state))
+
+        # ---- verify: frozen source vs what the destination holds
+        job.tracker.set_phase(expected=P.STOP_AND_COPY, new=P.VERIFY)
+        t_verify = time.monotonic()
+        src_task = asyncio.create_task(asyncio.to_thread(chunk_digests, ram.ram, DIGEST_CHUNK_PAGES))
+        try:
+            theirs = await conn.expect(Digests, mcfg.io_timeout_s)
+        finally:
+            ours = await src_task
+        if theirs.chunk_pages != DIGEST_CHUNK_PAGES or len(theirs.digests) != len(ours):
+            raise MigrationAborted("verify", "destination digests do not cover the same memory")
+        bad = diff_chunks(ours, theirs.digests)
+        st.verify_ms = (time.monotonic() - t_verify) * 1000.0
+        if bad:
+            log.error("verify_failed", chunks=len(bad), first_chunk=bad[0])
+            raise MigrationAborted("verify", f"{len(bad)} memory chunk(s) differ (first at page {bad[0] * DIGEST_CHUNK_PAGES})")
+        job.verified = True
+        log.info("verified", chunks=len(ours) // 16, verify_ms=round(st.verify_ms, 1))
+
+        # ---- resume on the destination
+        job.tracker.set_phase(expected=P.VERIFY, new=P.RESUME)
+        self.resume_sent = True
+        await conn.send(Resume(migration_id=job.id))
+        resumed = await conn.expect(Resumed, mcfg.io_timeout_s)
+        st.downtime_ms = (time.monotonic() - self.t_pause) * 1000.0
+        st.writes_after_resume = resumed.writes
+        await self._commit()
+
+    async def _commit(self) -> None:
+        job, vm, conn = self.job, self.vm, self.conn
+        job.tracker.set_phase(expected=P.RESUME, new=P.COMMIT)
+        if conn is not None:
+            try:
+                await conn.send(Commit(migration_id=job.id))
+                await conn.expect(Committed, self.host.cfg.migration.io_timeout_s)
+            except (AgentError, ProtocolError) as exc:
+                # The destination owns the VM from Resume on; a lost Committed changes nothing.
+                log.warning("commit_ack_lost", error=str(exc))
+            conn.close()
+        await self._release_source()
+        job.tracker.set_phase(expected=P.COMMIT, new=P.COMPLETED)
+        log.info("migration_completed", **{k: v for k, v in job.report().items()
+                                           if k in ("total_ms", "downtime_ms", "iterations", "pages_sent", "bytes_sent")})
+
+    async def _release_source(self) -> None:
+        vm = self.vm
+        await vm.stop_guest(self.host.cfg.migration.guest_ack_timeout_s)
+        if self.conn is not None:
+            await self.conn.wait_closed()       # the transport may still hold views of the segment
+        vm.release()
+        self.host.registry.remove(vm)
+        vm.migrating = None
+
+    # ---- sending pages ---------------------------------------------------
+    async def _send_full_pass(self) -> int:
+        """Round 1: every page, zero granules announced instead of sent."""
+        ram = self.vm.ram
+        npages = ram.npages
+        zero: list[tuple[int, int]] = []
+        zero_pages = 0
+        sent = 0
+        nb = 0
+        for first in range(0, npages, BATCH_PAGES):
+            count = min(BATCH_PAGES, npages - first)
+            data_runs, zero_runs = split_zero(ram.ram, PageRun(first, count))
+            for r in zero_runs:
+                if zero and zero[-1][0] + zero[-1][1] == r.first:
+                    zero[-1] = (zero[-1][0], zero[-1][1] + r.count)
+                else:
+                    zero.append((r.first, r.count))
+                zero_pages += r.count
+            if zero_pages >= ZERO_BATCH_PAGES or len(zero) >= BATCH_RUNS:
+                await self._send_zero(zero, 1)
+                zero, zero_pages = [], 0
+            if data_runs:
+                sent += await self._send_batch([(r.first, r.count) for r in data_runs], 1)
+            nb += 1
+            if nb % YIELD_EVERY_BATCHES == 0:
+                await asyncio.sleep(0)
+        if zero:
+            await self._send_zero(zero, 1)
+        return sent
+
+    async def _send_zero(self, runs, round_no: int) -> None:
+        for chunk in batches(runs, ZERO_BATCH_PAGES, BATCH_RUNS):
+            msg = PageBatch(round=round_no, runs=tuple(chunk), flags=BatchFlags.ZERO, payload_len=0)
+            await self.conn.send(msg, timeout_s=self.host.cfg.migration.io_timeout_s)
+            n = sum(c for _, c in chunk)
+            self.job.stats.zero_pages += n
+            self.job.stats.wire_bytes += 64
+
+    async def _send_runs(self, runs, round_no: int) -> int:
+        sent = 0
+        for i, chunk in enumerate(batches((tuple(r) for r in runs))):
+            sent += await self._send_batch(chunk, round_no)
+            if i % YIELD_EVERY_BATCHES == YIELD_EVERY_BATCHES - 1:
+                await asyncio.sleep(0)
+        return sent
+
+    async def _send_batch(self, runs: list[tuple[int, int]], round_no: int) -> int:
+        ram = self.vm.ram.ram
+        pages = sum(c for _, c in runs)
+        nbytes = pages * PAGE_SIZE
+        views = [ram[f * PAGE_SIZE:(f + c) * PAGE_SIZE] for f, c in runs]
+        msg = PageBatch(round=round_no, runs=tuple(runs), flags=BatchFlags.NONE, payload_len=nbytes)
+        await self.conn.send(msg, views, timeout_s=self.host.cfg.migration.io_timeout_s)
+        st = self.job.stats
+        st.pages_sent += pages
+        st.bytes_sent += nbytes
+        st.wire_bytes += nbytes + 16 + 8 * len(runs) + 16
+        self.meter.add(nbytes)
+        if self.max_bandwidth_bps:
+            await self._rate_limit(nbytes)
+        return pages
+
+    async def _rate_limit(self, nbytes: int) -> None:
+        self._bw_bytes += nbytes
+        due = self._bw_t0 + self._bw_bytes / self.max_bandwidth_bps
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _end_round(self, round_no: int, sent_pages: int, dirty: DirtyMap, t_start: float) -> None:
+        st = self.job.stats
+        elapsed = max(time.monotonic() - t_start, 1e-6)
+        dirty_pages = dirty.count()
+        await self.conn.send(RoundEnd(round=round_no, pages_sent=sent_pages, dirty_pages=dirty_pages))
+        st.rounds = round_no
+        round_bps = sent_pages * PAGE_SIZE / elapsed
+        # Bandwidth: this round's rate when it moved enough bytes to be meaningful, else the meter.
+        if sent_pages * PAGE_SIZE >= 4 * 2**20 or st.bandwidth_bps == 0:
+            st.bandwidth_bps = round_bps if sent_pages else self.meter.rate()
+        st.remaining_bytes = dirty_pages * PAGE_SIZE
+        st.dirty_rate_pps = dirty_pages / elapsed
+        st.expected_downtime_ms = convergence.expected_downtime_ms(st.remaining_bytes, st.bandwidth_bps)
+        st.round_log.append({
+            "round": round_no, "pages_sent": sent_pages, "dirty_pages": dirty_pages,
+            "ms": round(elapsed * 1000.0, 1), "bandwidth_bps": round(round_bps),
+            "throttle_pct": st.throttle_pct,
+        })
+        log.info("round_finished", round=round_no, pages_sent=sent_pages, dirty_pages=dirty_pages,
+                 elapsed_ms=round(elapsed * 1000.0, 1), mbps=round(round_bps * 8 / 1e6, 1),
+                 expected_downtime_ms=round(st.expected_downtime_ms, 1))
+
+    # ---- failure -----------------------------------------------------------
+    async def _rollback(self, reason: str, cancelled: bool = False) -> None:
+        job, vm = self.job, self.vm
+        phase = job.phase
+        if phase in (P.COMPLETED, P.FAILED, P.CANCELLED):
+            return
+        outcome = ""
+        if phase is P.COMMIT:
+            # Past the point of no return: the destination runs the VM. Finish the release.
+            log.error("commit_cleanup_failed", error=reason)
+            job.error = f"commit cleanup: {reason}"
+            try:
+                await self._release_source()
+            finally:
+                job.tracker.set_phase(expected=P.COMMIT, new=P.COMPLETED)
+            return
+        if self.resume_sent and phase is P.RESUME:
+            outcome = await self._resolve_in_doubt()
+            if outcome == "running":
+                # The destination runs the VM: the lost Resumed changes nothing.
+                log.info("in_doubt_resolved", outcome=outcome)
+                self.job.stats.downtime_ms = (time.monotonic() - self.t_pause) * 1000.0
+                self.conn = None
+                await self._commit()
+                return
+        job.error = reason
+        log.warning("migration_rolling_back", phase=phase.value, error=reason)
+        if cancelled and phase is not P.RESUME:
+            job.tracker.set_phase(expected=phase, new=P.CANCELLING)
+        else:
+            job.tracker.set_phase(expected=phase, new=P.ROLLING_BACK)
+        try:
+            if self.resume_sent and outcome == "unknown":
+                job.error = f"{reason}; destination state unknown, VM left paused here"
+                return
+            if self.conn is not None:
+                code = ErrorCode.CANCELLED if cancelled else ErrorCode.INTERNAL
+                await self.conn.abort(code, reason)
+            vm.ctl.throttle_pct = 0
+            if self.paused:
+                await vm.resume(self.host.cfg.migration.guest_ack_timeout_s)
+                self.paused = False
+        except VmError as exc:
+            log.error("rollback_resume_failed", error=str(exc))
+            job.error = f"{reason}; rollback: {exc}"
+        finally:
+            vm.migrating = None
+            if job.phase is P.CANCELLING:
+                job.tracker.set_phase(expected=P.CANCELLING, new=P.CANCELLED)
+            elif job.phase is P.ROLLING_BACK:
+                job.tracker.set_phase(expected=P.ROLLING_BACK, new=P.FAILED)
+        log.info("rolled_back", vm_state=vm.state())
+
+    async def _resolve_in_doubt(self) -> str:
+        """Resume was sent, Resumed never came: ask the destination what happened.
+
+        Returns "running" (it runs the VM: commit), "discarded" (resume here)
+        or "unknown" (unreachable for resolve_timeout_s: keep the frozen copy
+        paused rather than risk two running copies).
+        """
+        mcfg = self.host.cfg.migration
+        deadline = time.monotonic() + mcfg.resolve_timeout_s
+        delay = 0.05
+        while time.monotonic() < deadline:
+            try:
+                conn, _, _ = await open_session(self.host, self.peer_host, self.peer_port)
+                try:
+                    await conn.send(Query(migration_id=self.job.id))
+                    res = await conn.expect(QueryResult, mcfg.handshake_timeout_s)
+                finally:
+                    conn.close()
+                log.info("in_doubt_query", state=res.state)
+                if res.state == "running":
+                    return "running"
+                if res.state in ("discarded", "unknown"):
+                    return "discarded"
+            except (AgentError, ProtocolError, OSError) as exc:
+                log.warning("in_doubt_query_failed", error=str(exc))
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        return "unknown"

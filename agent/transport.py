@@ -1,0 +1,288 @@
+"""The IO adapter between asyncio and the sans-IO protocol.
+
+``FrameProtocol`` is an ``asyncio.BufferedProtocol`` that reads each frame
+in exact pieces: the 16-byte prefix, then the msgpack body, then, for a
+``PageBatch``, the raw payload straight into guest memory. ``get_buffer``
+always returns exactly the bytes still missing from the current piece, so
+the kernel never copies a page anywhere but into its final place in the
+destination segment, and never reads past a frame boundary::
+
+    prefix(16) | body(body_len) | payload(payload_len) -> run0 slice, run1 slice, ...
+    get_buffer: [prefix 16] [body n] [ram[run0]] [ram[run1]] ... [prefix 16] ...
+
+Messages (never payloads) go to a bounded inbox; reading pauses while the
+inbox is full. Writes are ``transport.write`` of the encoded frame and of
+memoryviews of the source segment, followed by ``drain()``.
+
+Errors follow QEMU's sticky-error rule: the first failure (protocol error,
+Abort from the peer, connection lost, IO timeout) is recorded, every later
+``send``/``recv`` raises it, and it is recorded *before* the transport is
+closed.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from typing import Callable, Sequence
+
+from protocol import (
+    PREFIX_SIZE,
+    Abort,
+    ErrorCode,
+    LocalProtocolError,
+    Message,
+    MigrationSession,
+    PageBatch,
+    ProtocolError,
+    RemoteProtocolError,
+    decode_body,
+    encode_frame,
+    parse_prefix,
+)
+
+from .errors import PeerError, PeerLost
+
+INBOX_LIMIT = 256               # messages queued before reading pauses
+LINGER_S = 1.0                  # after answering a bad peer, drain its input this long before closing
+WRITE_HIGH_WATER = 8 * 1024 * 1024
+
+PayloadSink = Callable[[PageBatch], Sequence[memoryview]]
+
+
+class FrameProtocol(asyncio.BufferedProtocol):
+    def __init__(self, session: MigrationSession, on_connect: Callable[["FrameProtocol"], None] | None = None) -> None:
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+        self.payload_sink: PayloadSink | None = None
+        self.failure: BaseException | None = None
+        self.peer: str = "?"
+        self.bytes_received = 0
+        self.last_rx = time.monotonic()
+        self._on_connect = on_connect
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._inbox_waiter: asyncio.Future | None = None
+        self._reading_paused = False
+        self._write_ok = asyncio.Event()
+        self._write_ok.set()
+        self._closed = asyncio.Event()
+        # read state machine
+        self._prefix = bytearray(PREFIX_SIZE)
+        self._pview = memoryview(self._prefix)
+        self._stage = 0            # 0 prefix, 1 body, 2 payload
+        self._got = 0
+        self._frame = None
+        self._body: bytearray | None = None
+        self._batch: PageBatch | None = None
+        self._targets: Sequence[memoryview] = ()
+        self._ti = 0
+
+    # ---- asyncio callbacks -------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self._on_connect is not None:
+            self._on_connect(self)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._stage == 3:
+            return self._discard
+        if self._stage == 0:
+            return self._pview[self._got:]
+        if self._stage == 1:
+            return memoryview(self._body)[self._got:]
+        return self._targets[self._ti][self._got:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.bytes_received += nbytes
+        self.last_rx = time.monotonic()
+        if self._stage == 3:
+            return
+        self._got += nbytes
+        try:
+            if self._stage == 0:
+                if self._got == PREFIX_SIZE:
+                    self._frame = parse_prefix(self._prefix)
+                    self._body = bytearray(self._frame.body_len)
+                    self._stage, self._got = 1, 0
+                    if self._frame.body_len == 0:
+                        self._body_done()
+            elif self._stage == 1:
+                if self._got == len(self._body):
+                    self._body_done()
+            else:
+                if self._got == len(self._targets[self._ti]):
+                    self._ti += 1
+                    self._got = 0
+                    if self._ti == len(self._targets):
+                        self._release_targets()
+                        batch, self._batch = self._batch, None
+                        self._stage = 0
+                        self._deliver(batch)
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+        except Exception as exc:  # a payload sink bug must not kill the loop
+            self._protocol_error(RemoteProtocolError(f"internal error: {exc!r}", ErrorCode.INTERNAL))
+
+    def _body_done(self) -> None:
+        msg = decode_body(self._frame, bytes(self._body))
+        self._body = None
+        msg = self.session.receive(msg)
+        self._stage, self._got = 0, 0
+        if isinstance(msg, PageBatch) and msg.payload_len:
+            if self.payload_sink is None:
+                raise RemoteProtocolError("page batch outside a transfer", ErrorCode.UNEXPECTED)
+            targets = self.payload_sink(msg)
+            if sum(len(t) for t in targets) != msg.payload_len:
+                raise RemoteProtocolError("payload does not match its runs", ErrorCode.MALFORMED)
+            self._targets, self._ti, self._batch = targets, 0, msg
+            self._stage = 2
+            return
+        self._deliver(msg)
+
+    def _release_targets(self) -> None:
+        for t in self._targets:
+            t.release()
+        self._targets = ()
+
+    def _deliver(self, msg: Message) -> None:
+        if isinstance(msg, Abort) and self.failure is None:
+            self.failure = PeerError(f"peer aborted: {msg.reason}", int(msg.code))
+        self._inbox.append(msg)
+        if len(self._inbox) >= INBOX_LIMIT and not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._inbox_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        if self.failure is None:
+            self.failure = exc
+        self._release_targets()
+        tr = self.transport
+        if tr is not None and not tr.is_closing():
+            # Lingering close: answer, half-close, and swallow what the peer still
+            # sends, so our Abort is not lost to a reset caused by unread input.
+            tr.write(encode_frame(Abort(code=exc.code, reason=str(exc)[:1000])))
+            self._stage = 3
+            self._discard = memoryview(bytearray(65536))
+            if tr.can_write_eof():
+                tr.write_eof()
+            asyncio.get_running_loop().call_later(LINGER_S, tr.close)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        if (self._stage in (1, 2) or (self._stage == 0 and self._got)) and self.failure is None:
+            self.failure = RemoteProtocolError("connection closed in the middle of a frame", ErrorCode.TRUNCATED)
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.failure is None:
+            self.failure = PeerLost(f"connection to {self.peer} lost" + (f": {exc}" if exc else " (EOF)"))
+        self._release_targets()
+        self._write_ok.set()
+        self._closed.set()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._write_ok.clear()
+
+    def resume_writing(self) -> None:
+        self._write_ok.set()
+
+    # ---- coroutine API -----------------------------------------------------
+    def check(self) -> None:
+        """Raise the sticky failure, if any (cheap; call once per batch)."""
+        if self.failure is not None:
+            raise self.failure
+
+    async def send(self, msg: Message, payload: Sequence[memoryview] = (), *, timeout_s: float = 30.0) -> None:
+        self.check()
+        data = self.session.send(msg)
+        tr = self.transport
+        tr.write(data)
+        for view in payload:
+            tr.write(view)
+        if not self._write_ok.is_set():
+            await self.drain(timeout_s)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._write_ok.wait()
+        except TimeoutError:
+            self.fail(PeerLost(f"peer {self.peer} stopped reading for {timeout_s:.0f} s"))
+        self.check()
+
+    async def recv(self, timeout_s: float = 30.0) -> Message:
+        """Next message from the peer; raises the sticky failure or PeerLost on timeout."""
+        while not self._inbox:
+            self.check()
+            loop = asyncio.get_running_loop()
+            self._inbox_waiter = loop.create_future()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._inbox_waiter
+            except TimeoutError:
+                self.fail(PeerLost(f"no message from {self.peer} for {timeout_s:.0f} s"))
+            finally:
+                self._inbox_waiter = None
+        msg = self._inbox.popleft()
+        if self._reading_paused and len(self._inbox) < INBOX_LIMIT // 2 and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+        if isinstance(msg, Abort):
+            raise self.failure or PeerError(msg.reason, int(msg.code))
+        return msg
+
+    async def expect(self, cls: type, timeout_s: float = 30.0):
+        msg = await self.recv(timeout_s)
+        if not isinstance(msg, cls):  # the session already checked the order; this is a driver bug guard
+            raise RemoteProtocolError(f"expected {cls.__name__}, got {type(msg).__name__}", ErrorCode.UNEXPECTED)
+        return msg
+
+    def fail(self, exc: BaseException) -> None:
+        """Record a failure first, then close (sticky error before teardown)."""
+        if self.failure is None:
+            self.failure = exc
+        self.close()
+        self._wake()
+
+    async def abort(self, code: ErrorCode, reason: str) -> None:
+        """Tell the peer why we stop (best effort), then close."""
+        tr = self.transport
+        if tr is not None and not tr.is_closing():
+            try:
+                tr.write(self.session.send(Abort(code=code, reason=reason[:1000])))
+            except (ProtocolError, LocalProtocolError, RuntimeError):
+                pass
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    async def wait_closed(self, timeout_s: float = 5.0) -> None:
+        self.close()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._closed.wait()
+        except TimeoutError:
+            if self.transport is not None:
+                self.transport.abort()
+
+
+async def connect(host: str, port: int, session: MigrationSession, timeout_s: float) -> FrameProtocol:
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout_s):
+            _, proto = await loop.create_connection(lambda: FrameProtocol(session), host, port)
+    except (OSError, TimeoutError) as exc:
+        raise PeerLost(f"cannot connect to {host}:{port}: {exc or 'timeout'}") from exc
+    return proto

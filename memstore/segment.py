@@ -1,0 +1,318 @@
+"""Guest RAM: one shared-memory file per VM at /dev/shm/<name>.
+
+The file is opened with ``os.open`` and mapped with ``mmap`` -- not through
+``multiprocessing.shared_memory``, whose resource tracker unlinks a segment
+when a process that merely attached to it exits. A segment outlives every
+process that maps it until someone calls :meth:`GuestRam.unlink` /
+:func:`unlink_segment`.
+
+Layout (as CRIU's page-pipe.h draws its buffers)::
+
+    offset 0               4096                       ram_offset              file end
+    | control page         | dirty map: 1 byte/page,  | guest RAM:             |
+    | (ControlBlock)       | padded to a page multiple | npages * 4096 bytes    |
+
+    ram_offset = PAGE_SIZE + round_up(npages, PAGE_SIZE)
+
+Worked example, a 1 MiB VM (npages = 256)::
+
+    [     0,   4096)  control page
+    [  4096,   4352)  dirty map, byte i = page i (0 clean, non-zero dirty)
+    [  4352,   8192)  padding (zero)
+    [  8192, 1056768) RAM; page i at 8192 + i*4096      file size 1056768
+
+and a 1 GiB VM (npages = 262144): dirty map [4096, 266240) = 64 pages,
+ram_offset = 266240, file size 1073741824 + 266240. RAM starts on a page
+boundary, so ``os.sendfile(sock, ram.fd, ram.file_offset(page), n*4096)`` and
+``mmap.madvise`` work on page runs directly.
+
+Views: ``ram``, ``dirty`` and ``ctl`` are memoryviews (ControlBlock wraps
+one) over the mapping. :meth:`GuestRam.close` releases those, but a view the
+caller derived (``page_view()``, slices of ``ram``) pins the mapping: release
+it (``with ram.page_view(a, n) as v: ...`` or ``v.release()``) before close(),
+otherwise close() raises SegmentError and the mapping lives on until the last
+view is garbage-collected.
+
+If /dev/shm runs out of space, touching an unbacked page of a mapping kills
+the process with SIGBUS. create() allocates the header pages up front and
+:meth:`GuestRam.prefault` allocates all RAM (raising SegmentError on ENOSPC),
+so call prefault() on segments that will be written by this host.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+
+from .control import LAYOUT_VERSION, MAGIC, ControlBlock
+from .errors import SegmentError
+from .layout import PAGE_SIZE, pages_for, round_up
+
+__all__ = [
+    "SHM_DIR",
+    "MADV_POPULATE_WRITE",
+    "GuestRam",
+    "segment_path",
+    "segment_exists",
+    "list_segments",
+    "unlink_segment",
+    "ram_offset_for",
+    "segment_size_for",
+]
+
+SHM_DIR = "/dev/shm"
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not exported by the mmap module in 3.11
+_NAME_MAX = 255
+
+
+def _check_name(name: str) -> str:
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name.encode("utf-8", "surrogateescape")) > _NAME_MAX
+        or "/" in name
+        or "\0" in name
+        or name in {".", ".."}
+    ):
+        raise ValueError(f"invalid segment name {name!r}: need 1..{_NAME_MAX} bytes without '/' or NUL")
+    return name
+
+
+def segment_path(name: str) -> str:
+    """/dev/shm/<name> (ValueError on a name that is not a plain file name)."""
+    return os.path.join(SHM_DIR, _check_name(name))
+
+
+def segment_exists(name: str) -> bool:
+    return os.path.exists(segment_path(name))
+
+
+def list_segments(prefix: str) -> list[str]:
+    """Sorted names of the files in /dev/shm that start with ``prefix``."""
+    return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
+
+
+def unlink_segment(name: str) -> bool:
+    """Remove /dev/shm/<name>; True if it existed. Processes that map it keep
+    their mapping; the memory is freed when the last one unmaps."""
+    try:
+        os.unlink(segment_path(name))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def ram_offset_for(npages: int) -> int:
+    """Byte offset of guest RAM in the segment file."""
+    return PAGE_SIZE + round_up(npages, PAGE_SIZE)
+
+
+def segment_size_for(npages: int) -> int:
+    """Total file size of a segment holding ``npages`` pages of RAM."""
+    return ram_offset_for(npages) + npages * PAGE_SIZE
+
+
+def _populate_write(mm: mmap.mmap, start: int, length: int) -> None:
+    """MADV_POPULATE_WRITE over [start, start+length) (module level so tests
+    can force the fallback)."""
+    mm.madvise(MADV_POPULATE_WRITE, start, length)
+
+
+class GuestRam:
+    """An open, mapped segment. Use :meth:`create` or :meth:`attach`; close
+    with :meth:`close` or ``with``; delete the file with :meth:`unlink`."""
+
+    def __init__(self, name: str, fd: int, mm: mmap.mmap, npages: int) -> None:
+        # Private: use create()/attach(). Takes ownership of fd and mm.
+        self.name = name
+        self.path = segment_path(name)
+        self.fd = fd
+        self.npages = npages
+        self.size_bytes = npages * PAGE_SIZE
+        self.ram_offset = ram_offset_for(npages)
+        self._mm = mm
+        self._closed = False
+        base = memoryview(mm)
+        try:
+            self.ctl = ControlBlock(base[:PAGE_SIZE])
+            self.dirty: memoryview = base[PAGE_SIZE : PAGE_SIZE + npages]
+            self.ram: memoryview = base[self.ram_offset : self.ram_offset + self.size_bytes]
+        finally:
+            base.release()
+
+    # ---- construction -----------------------------------------------------
+    @classmethod
+    def create(cls, name: str, size_bytes: int) -> GuestRam:
+        """Create /dev/shm/<name> (exclusively, mode 0600) for ``size_bytes``
+        of RAM, map it and write a fresh control header. SegmentError if it
+        exists or cannot be set up; the file is removed on any failure."""
+        try:
+            path = segment_path(name)
+            npages = pages_for(size_bytes)
+        except ValueError as exc:
+            raise SegmentError(f"cannot create segment {name!r}: {exc}") from None
+        total = segment_size_for(npages)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise SegmentError(f"segment {name!r} already exists ({path})") from None
+        except OSError as exc:
+            raise SegmentError(f"cannot create segment {name!r}: {exc}") from exc
+        mm = None
+        try:
+            os.ftruncate(fd, total)
+            # Back the control page and dirty map now: a write to an unbacked
+            # page of a full tmpfs is a SIGBUS, not an exception.
+            os.posix_fallocate(fd, 0, ram_offset_for(npages))
+            mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            self = cls(name, fd, mm, npages)
+            self.ctl.init_header(npages)
+            return self
+        except BaseException as exc:
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:
+                    pass
+            os.close(fd)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            if isinstance(exc, OSError):
+                raise SegmentError(f"cannot create segment {name!r} of {size_bytes} bytes: {exc}") from exc
+            raise
+
+    @classmethod
+    def attach(cls, name: str) -> GuestRam:
+        """Map an existing segment after checking magic, layout version and
+        that the file size matches npages. SegmentError otherwise."""
+        try:
+            path = segment_path(name)
+        except ValueError as exc:
+            raise SegmentError(f"cannot attach segment: {exc}") from None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SegmentError(f"segment {name!r} does not exist ({path})") from None
+        except OSError as exc:
+            raise SegmentError(f"cannot open segment {name!r}: {exc}") from exc
+        mm = None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SegmentError(f"{path} is not a regular file")
+            if st.st_size < PAGE_SIZE:
+                raise SegmentError(f"{path} is {st.st_size} bytes, too small for a segment")
+            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            header = memoryview(mm)[:24].cast("Q")
+            try:
+                magic, version, npages = header[0], header[1], header[2]
+            finally:
+                header.release()
+            if magic != MAGIC:
+                raise SegmentError(f"{path} is not a livemig segment (magic {magic:#x})")
+            if version != LAYOUT_VERSION:
+                raise SegmentError(f"{path} has layout version {version}, expected {LAYOUT_VERSION}")
+            if npages == 0 or segment_size_for(npages) != st.st_size:
+                raise SegmentError(
+                    f"{path} is {st.st_size} bytes but its header says {npages} pages "
+                    f"({segment_size_for(npages) if npages else 'invalid'} bytes)"
+                )
+            return cls(name, fd, mm, npages)
+        except BaseException as exc:
+            if mm is not None:
+                mm.close()
+            os.close(fd)
+            if isinstance(exc, (OSError, ValueError)):
+                raise SegmentError(f"cannot attach segment {name!r}: {exc}") from exc
+            raise
+
+    # ---- access -----------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def page_view(self, first: int, count: int) -> memoryview:
+        """Writable view of pages [first, first+count). Release it before close()."""
+        if first < 0 or count < 0 or first + count > self.npages:
+            raise ValueError(f"pages [{first}, {first + count}) outside 0..{self.npages}")
+        return self.ram[first * PAGE_SIZE : (first + count) * PAGE_SIZE]
+
+    def file_offset(self, page: int) -> int:
+        """Offset of ``page`` in the segment file (for os.sendfile / preadv)."""
+        if not 0 <= page <= self.npages:
+            raise ValueError(f"page {page} outside 0..{self.npages}")
+        return self.ram_offset + page * PAGE_SIZE
+
+    def prefault(self) -> None:
+        """Make every RAM page allocated, resident and writable in this
+        mapping, so later writes (recv_into on the destination) take no page
+        faults. MADV_POPULATE_WRITE when the kernel has it; otherwise
+        posix_fallocate plus a write of one byte per page (rewriting each
+        byte with its own value -- call this before a guest writes the
+        segment). SegmentError if /dev/shm cannot hold the segment.
+
+        Measured on the 2-vCPU reference VM: ~0.58 s per GiB with
+        MADV_POPULATE_WRITE, ~0.65-0.8 s per GiB with the fallback (the very
+        first allocation of memory a fresh VM has never touched took 2.4 s
+        per GiB: the hypervisor backs it on first use). Either is cheaper
+        than taking the same faults inside recv_into during the first pass."""
+        try:
+            _populate_write(self._mm, self.ram_offset, self.size_bytes)
+            return
+        except OSError:
+            pass
+        try:
+            os.posix_fallocate(self.fd, self.ram_offset, self.size_bytes)
+        except OSError as exc:
+            raise SegmentError(f"cannot allocate {self.size_bytes} bytes for segment {self.name!r}: {exc}") from exc
+        step = 1 << 30  # a strided view per GiB: the copy below is npages bytes
+        for off in range(0, self.size_bytes, step):
+            chunk = self.ram[off : off + step]
+            try:
+                touched = chunk[::PAGE_SIZE]
+                try:
+                    touched[:] = touched.tobytes()
+                finally:
+                    touched.release()
+            finally:
+                chunk.release()
+
+    # ---- lifecycle --------------------------------------------------------
+    def close(self) -> None:
+        """Release ram/dirty/ctl, unmap and close the fd (idempotent). Raises
+        SegmentError if views derived by the caller still pin the mapping."""
+        if self._closed:
+            return
+        self._closed = True
+        self.ctl.release()
+        self.dirty.release()
+        self.ram.release()
+        try:
+            self._mm.close()
+        except BufferError as exc:
+            raise SegmentError(
+                f"segment {self.name!r}: views derived from ram/page_view() are still alive; "
+                "release them before close()"
+            ) from exc
+        finally:
+            os.close(self.fd)
+
+    def unlink(self) -> None:
+        """Remove the /dev/shm file (idempotent; the mapping stays valid)."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> GuestRam:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"fd={self.fd}"
+        return f"<GuestRam {self.name!r} {self.npages} pages {state}>"

@@ -1,0 +1,176 @@
+import msgpack
+import pytest
+
+from memstore.control import (
+    CONTROL_SIZE,
+    LAYOUT_VERSION,
+    MAGIC,
+    Cmd,
+    ControlBlock,
+    GuestState,
+)
+from memstore.errors import GuestError, SegmentError
+
+
+@pytest.fixture
+def ctl():
+    buf = bytearray(CONTROL_SIZE)
+    block = ControlBlock(memoryview(buf))
+    block.init_header(256)
+    block.workload = "uniform:rate=10"
+    yield block
+    block.release()
+
+
+def test_header(ctl):
+    assert (ctl.magic, ctl.layout_version, ctl.npages) == (MAGIC, LAYOUT_VERSION, 256)
+    assert ctl.cmd is Cmd.RUN and ctl.guest_state is GuestState.NOT_STARTED
+    assert (ctl.cmd_seq, ctl.ack_seq, ctl.writes, ctl.throttle_pct) == (0, 0, 0, 0)
+
+
+def test_slots_are_little_endian_u64_at_fixed_offsets():
+    buf = bytearray(CONTROL_SIZE)
+    block = ControlBlock(memoryview(buf))
+    try:
+        block.init_header(256)
+        block.writes = 0x0102030405060708
+        block.heartbeat_ns = 5
+        block.ack_seq = 9
+        assert buf[0:8] == b"LIVEMIG1"
+        assert buf[56:64] == bytes.fromhex("0807060504030201")
+        assert int.from_bytes(buf[88:96], "little") == 5
+        assert int.from_bytes(buf[104:112], "little") == 9
+    finally:
+        block.release()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("guest_pid", 4242), ("writes", (1 << 64) - 1), ("seed", 123), ("cursor", 7),
+     ("rate_pps", 20000), ("heartbeat_ns", 10**18), ("cmd_seq", 3), ("ack_seq", 2),
+     ("throttle_pct", 99), ("throttle_pct", 0)],
+)
+def test_field_round_trip(ctl, field, value):
+    setattr(ctl, field, value)
+    assert getattr(ctl, field) == value
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("writes", -1), ("writes", 1 << 64), ("seed", 1.0), ("throttle_pct", 100),
+     ("throttle_pct", -1), ("guest_pid", True)],
+)
+def test_field_rejects(ctl, field, value):
+    with pytest.raises(ValueError):
+        setattr(ctl, field, value)
+
+
+def test_enums(ctl):
+    ctl.cmd = Cmd.STOP
+    assert ctl.cmd is Cmd.STOP
+    ctl.guest_state = GuestState.PAUSED
+    assert ctl.guest_state is GuestState.PAUSED
+    with pytest.raises(ValueError):
+        ctl.cmd = 7
+    ctl._q[3] = 77  # corrupt cmd slot
+    with pytest.raises(SegmentError, match="unknown command"):
+        ctl.cmd
+
+
+def test_command_and_ack(ctl):
+    s1 = ctl.command(Cmd.PAUSE)
+    assert (s1, ctl.cmd, ctl.cmd_seq) == (1, Cmd.PAUSE, 1)
+    assert ctl.read_command() == (1, Cmd.PAUSE)
+    assert not ctl.acknowledged(s1)
+    assert not ctl.wait_acknowledged(s1, timeout_s=0.005)
+    ctl.ack_seq = 1
+    assert ctl.acknowledged(s1) and ctl.wait_acknowledged(s1, timeout_s=0)
+    s2 = ctl.set_throttle(40)
+    assert s2 == 2 and ctl.throttle_pct == 40 and not ctl.acknowledged(s2)
+    ctl.ack_seq = 5
+    assert ctl.acknowledged(s2)
+
+
+def test_workload_field(ctl):
+    ctl.workload = "hotset:ws=64M,rate=20000"
+    assert ctl.workload == "hotset:ws=64M,rate=20000"
+    ctl.workload = "idle"
+    assert ctl.workload == "idle"
+    ctl.workload = "x" * 512
+    assert len(ctl.workload) == 512
+    with pytest.raises(ValueError, match="at most 512"):
+        ctl.workload = "é" * 257  # 514 bytes UTF-8
+    ctl.workload = "ünïcode"
+    assert ctl.workload == "ünïcode"
+
+
+def test_vcpu_state_round_trip(ctl):
+    ctl.writes, ctl.seed, ctl.cursor = 1000, 99, 17
+    ctl.guest_state = GuestState.PAUSED
+    blob = ctl.vcpu_state()
+    assert msgpack.unpackb(blob) == {"writes": 1000, "seed": 99, "cursor": 17,
+                                     "workload": "uniform:rate=10"}
+    buf = bytearray(CONTROL_SIZE)
+    other = ControlBlock(memoryview(buf))
+    try:
+        other.init_header(256)
+        other.load_vcpu_state(blob)
+        assert (other.writes, other.seed, other.cursor, other.workload) == (1000, 99, 17,
+                                                                         "uniform:rate=10")
+        assert other.vcpu_state() == blob
+    finally:
+        other.release()
+
+
+def test_vcpu_state_refused_while_running(ctl):
+    ctl.guest_state = GuestState.RUNNING
+    with pytest.raises(GuestError):
+        ctl.vcpu_state()
+    assert msgpack.unpackb(ctl.vcpu_state(allow_running=True))["writes"] == 0
+    with pytest.raises(GuestError):
+        ctl.load_vcpu_state(msgpack.packb({"writes": 1, "seed": 2, "cursor": 0, "workload": "idle"}))
+
+
+def _blob(**over):
+    state = {"writes": 1, "seed": 2, "cursor": 3, "workload": "idle"}
+    state.update(over)
+    return msgpack.packb({k: v for k, v in state.items() if v is not ...})
+
+
+@pytest.mark.parametrize(
+    "blob, msg",
+    [
+        (b"", "not valid msgpack"),
+        (b"\xc1", "not valid msgpack"),
+        (msgpack.packb([1, 2, 3, 4]), "must be a map"),
+        (msgpack.packb({"writes": 1}), "must be a map"),
+        (_blob(extra=5), "must be a map"),
+        (_blob(seed=...), "must be a map"),
+        (_blob(writes=-1), "'writes' must be a u64"),
+        (_blob(writes=True), "'writes' must be a u64"),
+        (_blob(seed="7"), "'seed' must be a u64"),
+        (_blob(cursor=1.5), "'cursor' must be a u64"),
+        (_blob(cursor=256), "outside 256 pages"),
+        (_blob(workload=b"idle"), "'workload' must be a str"),
+        (_blob(workload="x" * 600), "'workload' must be a str"),
+        (_blob(workload="zipf:rate=1"), "unusable workload"),
+        (_blob(workload="hotset:ws=2M,rate=1"), "unusable workload"),
+        (msgpack.packb({"writes": 1, "seed": 2, "cursor": 3, "workload": "idle"}) + b"\x00",
+         "not valid msgpack"),
+        (b"\xdf\xff\xff\xff\xff", "not valid msgpack"),  # map claiming 4 G entries
+        (b"\x00" * 5000, "limit"),
+        ("text", "must be bytes"),
+    ],
+)
+def test_load_vcpu_state_is_strict(ctl, blob, msg):
+    before = (ctl.writes, ctl.seed, ctl.cursor, ctl.workload)
+    with pytest.raises(SegmentError, match=msg):
+        ctl.load_vcpu_state(blob)
+    assert (ctl.writes, ctl.seed, ctl.cursor, ctl.workload) == before
+
+
+def test_control_block_needs_a_full_writable_page():
+    with pytest.raises(ValueError):
+        ControlBlock(memoryview(bytearray(100)))
+    with pytest.raises(ValueError):
+        ControlBlock(memoryview(bytes(CONTROL_SIZE)))

@@ -1,0 +1,102 @@
+"""Shared example table for the protocol unit tests."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol import (
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+    Abort,
+    Auth,
+    BatchFlags,
+    Commit,
+    Committed,
+    Digests,
+    ErrorCode,
+    Hello,
+    Message,
+    MsgType,
+    PageBatch,
+    Prepare,
+    Query,
+    QueryResult,
+    Ready,
+    Reject,
+    Resume,
+    Resumed,
+    RoundEnd,
+    StateTransfer,
+    Welcome,
+)
+
+MIGRATION_ID = "mig-0001"
+
+
+def make_examples(migration_id: str = MIGRATION_ID) -> dict[MsgType, Message]:
+    """One valid instance per MsgType (ids consistent for session tests)."""
+    examples: list[Message] = [
+        Hello(
+            version_min=1,
+            version_max=PROTOCOL_VERSION,
+            agent="src-host:7070",
+            features=("zero-pages", "digests-xxh3-128"),
+            max_live_migrations=4,
+            nonce=bytes(range(16)),
+        ),
+        Welcome(
+            version=PROTOCOL_VERSION,
+            agent="dst-host:7070",
+            features=("zero-pages",),
+            max_live_migrations=2,
+            slots=2,
+            nonce=bytes(range(16, 32)),
+            proof=b"\x01" * 32,
+        ),
+        Auth(proof=b"\x02" * 32),
+        Reject(code=ErrorCode.BUSY, reason="no free slot"),
+        Prepare(
+            migration_id=migration_id,
+            vm="vm-ünïcode",
+            memory_bytes=256 * PAGE_SIZE,
+            workload="memtouch --rate 10",
+            features=(),
+            source="10.0.0.1:7070",
+        ),
+        Ready(migration_id=migration_id, prefault_ms=12),
+        PageBatch(
+            round=3,
+            runs=((0, 2), (10, 1), (2**40, 3)),
+            flags=BatchFlags.NONE,
+            payload_len=6 * PAGE_SIZE,
+        ),
+        RoundEnd(round=3, pages_sent=6, dirty_pages=1),
+        StateTransfer(vcpu_state=b"\x00regs\xff", device_state=b""),
+        Digests(chunk_pages=64, digests=bytes(range(32))),
+        Resume(migration_id=migration_id),
+        Resumed(writes=17),
+        Commit(migration_id=migration_id),
+        Committed(),
+        Query(migration_id=migration_id),
+        QueryResult(migration_id=migration_id, state="completed"),
+        Abort(code=ErrorCode.CANCELLED, reason="operator cancelled"),
+    ]
+    table = {msg.TYPE: msg for msg in examples}
+    assert len(table) == len(examples)
+    return table
+
+
+@pytest.fixture
+def examples() -> dict[MsgType, Message]:
+    return make_examples()
+
+
+@pytest.fixture
+def example_factory():
+    """``make_examples`` itself, for tests that need another migration id."""
+    return make_examples
+
+
+@pytest.fixture
+def zero_batch() -> PageBatch:
+    return PageBatch(round=0, runs=((5, 100),), flags=BatchFlags.ZERO, payload_len=0)

@@ -1,0 +1,368 @@
+"""MigrationSession: order enforcement, pair tests (h11 ConnectionPair style)."""
+
+from __future__ import annotations
+
+import pytest
+
+from protocol import (
+    ABORTABLE_STATES,
+    PAGE_SIZE,
+    TRANSITIONS,
+    Abort,
+    Auth,
+    BatchFlags,
+    CLOSED,
+    ErrorCode,
+    FrameDecoder,
+    LocalProtocolError,
+    Message,
+    MigrationSession,
+    MsgType,
+    PageBatch,
+    Payload,
+    Ready,
+    Reject,
+    RemoteProtocolError,
+    Role,
+    RoundEnd,
+    SessionState,
+    encode_frame,
+)
+
+S, D = Role.SOURCE, Role.DESTINATION
+St = SessionState
+
+
+class Pair:
+    """A SOURCE and a DESTINATION session linked through real frames."""
+
+    def __init__(self, auth_required: bool = False) -> None:
+        self.sessions = {
+            S: MigrationSession(S, auth_required=auth_required),
+            D: MigrationSession(D, auth_required=auth_required),
+        }
+
+    @property
+    def state(self) -> SessionState:
+        source, dest = self.sessions[S].state, self.sessions[D].state
+        assert source is dest, (source, dest)
+        return source
+
+    def send(self, sender: Role, msg: Message, payload: bytes = b"") -> SessionState:
+        frame = self.sessions[sender].send(msg)
+        assert frame == encode_frame(msg)
+        decoder = FrameDecoder()
+        decoder.receive_data(frame + payload)
+        decoder.receive_data(b"")
+        event = decoder.next_event()
+        assert event == msg
+        if payload:
+            assert decoder.next_event() == Payload(payload)
+        assert decoder.next_event() is CLOSED
+        assert self.sessions[sender.peer].receive(event) is event
+        return self.state
+
+
+#: Who sends each message type (Abort: either).
+SENDER = {
+    MsgType.HELLO: S,
+    MsgType.WELCOME: D,
+    MsgType.AUTH: S,
+    MsgType.REJECT: D,
+    MsgType.PREPARE: S,
+    MsgType.READY: D,
+    MsgType.PAGE_BATCH: S,
+    MsgType.ROUND_END: S,
+    MsgType.STATE_TRANSFER: S,
+    MsgType.DIGESTS: D,
+    MsgType.RESUME: S,
+    MsgType.RESUMED: D,
+    MsgType.COMMIT: S,
+    MsgType.COMMITTED: D,
+    MsgType.QUERY: S,
+    MsgType.QUERY_RESULT: D,
+}
+
+_T = MsgType
+_HANDSHAKE = [_T.HELLO, _T.WELCOME]
+_MIGRATE = [*_HANDSHAKE, _T.PREPARE, _T.READY, _T.STATE_TRANSFER, _T.DIGESTS, _T.RESUME, _T.RESUMED, _T.COMMIT]
+#: state -> (auth_required, message types leading there)
+PATHS = {
+    St.HELLO: (False, []),
+    St.WELCOME: (False, [_T.HELLO]),
+    St.AUTH: (True, _HANDSHAKE),
+    St.IDLE: (False, _HANDSHAKE),
+    St.QUERYING: (False, [*_HANDSHAKE, _T.QUERY]),
+    St.PREPARING: (False, _MIGRATE[:3]),
+    St.TRANSFER: (False, _MIGRATE[:4]),
+    St.VERIFYING: (False, _MIGRATE[:5]),
+    St.SWITCHOVER: (False, _MIGRATE[:6]),
+    St.RESUMING: (False, _MIGRATE[:7]),
+    St.COMMITTING: (False, _MIGRATE[:8]),
+    St.COMMIT_SENT: (False, _MIGRATE),
+    St.CLOSED: (False, [*_MIGRATE, _T.COMMITTED]),
+}
+
+
+def drive(state: SessionState, examples) -> Pair:
+    auth, path = PATHS[state]
+    pair = Pair(auth_required=auth)
+    for msg_type in path:
+        msg = examples[msg_type]
+        pair.send(SENDER[msg_type], msg, b"\0" * getattr(msg, "payload_len", 0))
+    assert pair.state is state
+    return pair
+
+
+# -- the table ----------------------------------------------------------------
+
+
+def test_every_state_is_covered():
+    sources = {state for (_, state, _) in TRANSITIONS}
+    assert sources == set(SessionState) - {St.CLOSED, St.ERROR}
+    assert set(PATHS) == set(SessionState) - {St.ERROR}
+    assert St.ERROR not in set(TRANSITIONS.values())
+
+
+def test_every_msgtype_is_used():
+    assert {t for (_, _, t) in TRANSITIONS} == set(MsgType)
+
+
+def test_senders_match_table():
+    for (role, _, msg_type), _ in TRANSITIONS.items():
+        if msg_type is not MsgType.ABORT:
+            assert SENDER[msg_type] is role, msg_type
+
+
+def test_abortable_states():
+    assert ABORTABLE_STATES == set(SessionState) - {St.HELLO, St.WELCOME, St.CLOSED, St.ERROR}
+
+
+# -- happy paths -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_full_migration(examples, auth):
+    pair = Pair(auth_required=auth)
+    assert pair.state is St.HELLO
+    assert pair.send(S, examples[_T.HELLO]) is St.WELCOME
+    assert pair.send(D, examples[_T.WELCOME]) is (St.AUTH if auth else St.IDLE)
+    if auth:
+        assert pair.send(S, examples[_T.AUTH]) is St.IDLE
+    assert pair.send(S, examples[_T.PREPARE]) is St.PREPARING
+    assert pair.sessions[S].migration_id == pair.sessions[D].migration_id == "mig-0001"
+    assert pair.send(D, examples[_T.READY]) is St.TRANSFER
+    for rnd in range(3):
+        batch = PageBatch(round=rnd, runs=((0, 2), (9, 1)), flags=BatchFlags.NONE, payload_len=3 * PAGE_SIZE)
+        assert pair.send(S, batch, b"\xab" * batch.payload_len) is St.TRANSFER
+        zero = PageBatch(round=rnd, runs=((100, 50),), flags=BatchFlags.ZERO, payload_len=0)
+        assert pair.send(S, zero) is St.TRANSFER
+        assert pair.send(S, RoundEnd(round=rnd, pages_sent=53, dirty_pages=3 - rnd)) is St.TRANSFER
+    assert pair.send(S, examples[_T.STATE_TRANSFER]) is St.VERIFYING
+    assert pair.send(D, examples[_T.DIGESTS]) is St.SWITCHOVER
+    assert pair.send(S, examples[_T.RESUME]) is St.RESUMING
+    assert pair.send(D, examples[_T.RESUMED]) is St.COMMITTING
+    assert pair.send(S, examples[_T.COMMIT]) is St.COMMIT_SENT
+    assert pair.send(D, examples[_T.COMMITTED]) is St.CLOSED
+
+
+def test_query_path(examples):
+    pair = drive(St.IDLE, examples)
+    assert pair.send(S, examples[_T.QUERY]) is St.QUERYING
+    assert pair.send(D, examples[_T.QUERY_RESULT]) is St.CLOSED
+
+
+@pytest.mark.parametrize("state", [St.WELCOME, St.IDLE, St.PREPARING, St.QUERYING])
+def test_reject_closes(state, examples):
+    pair = drive(state, examples)
+    assert pair.send(D, Reject(code=ErrorCode.BUSY, reason="full")) is St.CLOSED
+
+
+def test_bad_auth_proof_is_rejected(examples):
+    pair = drive(St.AUTH, examples)
+    pair.send(S, Auth(proof=b"\xee" * 32))
+    assert pair.send(D, Reject(code=ErrorCode.AUTH_FAILED, reason="bad proof")) is St.CLOSED
+
+
+def test_pipelined_prepare_then_reject_for_bad_auth(examples):
+    pair = drive(St.AUTH, examples)
+    source, dest = pair.sessions[S], pair.sessions[D]
+    auth_frame = source.send(examples[_T.AUTH])
+    assert auth_frame
+    source.send(examples[_T.PREPARE])  # sent before the destination checked the proof
+    dest.receive(examples[_T.AUTH])
+    reject = Reject(code=ErrorCode.AUTH_FAILED, reason="bad proof")
+    dest.send(reject)
+    source.receive(reject)
+    assert source.state is dest.state is St.CLOSED
+
+
+# -- auth decision ---------------------------------------------------------------
+
+
+def test_set_auth_required_after_welcome(examples):
+    source = MigrationSession(S)
+    source.send(examples[_T.HELLO])
+    source.receive(examples[_T.WELCOME])
+    assert source.state is St.IDLE
+    source.set_auth_required(True)  # e.g. Welcome carried a server proof
+    assert source.state is St.AUTH and source.auth_required
+    source.set_auth_required(False)
+    assert source.state is St.IDLE
+    source.set_auth_required(True)
+    source.send(examples[_T.AUTH])
+    assert source.state is St.IDLE
+    with pytest.raises(LocalProtocolError):
+        source.set_auth_required(False)
+    assert source.state is St.IDLE  # a refused decision is not a protocol error
+
+
+def test_set_auth_required_before_welcome(examples):
+    dest = MigrationSession(D)
+    dest.receive(examples[_T.HELLO])
+    dest.set_auth_required(True)
+    assert dest.state is St.WELCOME
+    dest.send(examples[_T.WELCOME])
+    assert dest.state is St.AUTH
+    with pytest.raises(RemoteProtocolError):
+        dest.receive(examples[_T.PREPARE])  # skipping Auth
+    assert dest.state is St.ERROR
+
+
+def test_set_auth_required_closed_after_first_message_past_welcome(examples):
+    pair = drive(St.IDLE, examples)
+    pair.send(S, examples[_T.QUERY])
+    with pytest.raises(LocalProtocolError):
+        pair.sessions[S].set_auth_required(True)
+
+
+# -- aborts ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sender", [S, D], ids=lambda r: r.value)
+@pytest.mark.parametrize("state", sorted(ABORTABLE_STATES, key=lambda s: s.value), ids=lambda s: s.name)
+def test_abort_in_each_state(state, sender, examples):
+    pair = drive(state, examples)
+    assert pair.send(sender, Abort(code=ErrorCode.CANCELLED, reason="cancel")) is St.CLOSED
+
+
+@pytest.mark.parametrize("sender", [S, D], ids=lambda r: r.value)
+@pytest.mark.parametrize("state", [St.HELLO, St.WELCOME, St.CLOSED], ids=lambda s: s.name)
+def test_abort_not_allowed(state, sender, examples):
+    pair = drive(state, examples)
+    abort = Abort(code=ErrorCode.CANCELLED, reason="x")
+    with pytest.raises(LocalProtocolError):
+        pair.sessions[sender].send(abort)
+    assert pair.sessions[sender].state is St.ERROR
+    with pytest.raises(RemoteProtocolError) as info:
+        pair.sessions[sender.peer].receive(abort)
+    assert info.value.code is ErrorCode.UNEXPECTED
+    assert pair.sessions[sender.peer].state is St.ERROR
+
+
+# -- out of order ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "state, sender, msg_type",
+    [
+        (St.HELLO, S, _T.PREPARE),
+        (St.HELLO, D, _T.WELCOME),  # destination speaks first
+        (St.WELCOME, S, _T.HELLO),  # Hello twice
+        (St.IDLE, S, _T.AUTH),  # auth not required
+        (St.AUTH, S, _T.PREPARE),  # auth required but skipped
+        (St.IDLE, D, _T.READY),  # Ready without Prepare
+        (St.PREPARING, S, _T.PAGE_BATCH),  # before Ready
+        (St.TRANSFER, D, _T.PAGE_BATCH),  # wrong direction
+        (St.TRANSFER, S, _T.RESUME),  # skipping verification
+        (St.VERIFYING, S, _T.PAGE_BATCH),  # pages after StateTransfer
+        (St.SWITCHOVER, S, _T.COMMIT),  # commit before resume
+        (St.RESUMING, S, _T.COMMIT),  # commit before Resumed
+        (St.COMMITTING, D, _T.COMMITTED),  # Committed before Commit
+        (St.COMMIT_SENT, S, _T.COMMIT),  # Commit twice
+        (St.QUERYING, S, _T.PREPARE),
+        (St.CLOSED, S, _T.HELLO),
+    ],
+    ids=lambda v: getattr(v, "name", None) or str(v),
+)
+def test_out_of_order(state, sender, msg_type, examples):
+    pair = drive(state, examples)
+    msg = examples[msg_type]
+    with pytest.raises(LocalProtocolError) as local:
+        pair.sessions[sender].send(msg)
+    assert local.value.code is ErrorCode.UNEXPECTED
+    assert type(msg).__name__ in str(local.value) and state.name in str(local.value)
+    with pytest.raises(RemoteProtocolError) as remote:
+        pair.sessions[sender.peer].receive(msg)
+    assert remote.value.code is ErrorCode.UNEXPECTED
+    for session in pair.sessions.values():
+        assert session.state is St.ERROR
+        with pytest.raises(LocalProtocolError):
+            session.send(Abort(code=ErrorCode.INTERNAL, reason="x"))
+        with pytest.raises(RemoteProtocolError):
+            session.receive(Abort(code=ErrorCode.INTERNAL, reason="x"))
+        assert session.state is St.ERROR
+
+
+def test_failed_send_produces_no_bytes_and_keeps_error(examples):
+    session = MigrationSession(S)
+    with pytest.raises(LocalProtocolError):
+        session.send(examples[_T.READY])
+    with pytest.raises(LocalProtocolError):
+        session.send(examples[_T.HELLO])  # even a once-legal message
+    with pytest.raises(LocalProtocolError):
+        session.set_auth_required(True)
+
+
+@pytest.mark.parametrize("msg", [Ready(migration_id="other", prefault_ms=0)], ids=["Ready"])
+def test_migration_id_must_match(msg, examples):
+    pair = drive(St.PREPARING, examples)
+    with pytest.raises(LocalProtocolError) as info:
+        pair.sessions[D].send(msg)
+    assert "other" in str(info.value)
+    with pytest.raises(RemoteProtocolError):
+        pair.sessions[S].receive(msg)
+
+
+@pytest.mark.parametrize("state, msg_type", [(St.SWITCHOVER, _T.RESUME), (St.COMMITTING, _T.COMMIT), (St.QUERYING, _T.QUERY_RESULT)])
+def test_ids_checked_for_later_messages(state, msg_type, examples, example_factory):
+    pair = drive(state, examples)
+    wrong = example_factory("mig-other")[msg_type]
+    sender = SENDER[msg_type]
+    with pytest.raises(LocalProtocolError):
+        pair.sessions[sender].send(wrong)
+    with pytest.raises(RemoteProtocolError):
+        pair.sessions[sender.peer].receive(wrong)
+
+
+def test_non_message_is_refused():
+    session = MigrationSession(S)
+    with pytest.raises(LocalProtocolError):
+        session.send(b"raw")  # type: ignore[arg-type]
+    assert session.state is St.ERROR
+
+
+def test_role_must_be_role():
+    with pytest.raises(TypeError):
+        MigrationSession("source")  # type: ignore[arg-type]
+
+
+# -- introspection -------------------------------------------------------------------
+
+
+def test_allowed_sets(examples):
+    source, dest = MigrationSession(S), MigrationSession(D)
+    assert source.allowed_to_send() == {_T.HELLO} == dest.allowed_to_receive()
+    assert source.allowed_to_receive() == frozenset() == dest.allowed_to_send()
+    pair = drive(St.TRANSFER, examples)
+    assert pair.sessions[S].allowed_to_send() == {_T.PAGE_BATCH, _T.ROUND_END, _T.STATE_TRANSFER, _T.ABORT}
+    assert pair.sessions[S].allowed_to_receive() == {_T.ABORT}
+    assert pair.sessions[D].allowed_to_send() == {_T.ABORT}
+
+
+def test_roles_and_repr():
+    assert Role.SOURCE.value == "source" and Role.DESTINATION.value == "destination"
+    assert Role.SOURCE.peer is Role.DESTINATION and Role.DESTINATION.peer is Role.SOURCE
+    session = MigrationSession(D, auth_required=True)
+    assert session.role is D and session.auth_required and session.migration_id is None
+    assert "destination" in repr(session) and "HELLO" in repr(session)
