@@ -3,7 +3,10 @@
 Each VM has a JSON record written atomically (tmp + rename). At start the
 registry reconciles records with reality (``adopt``):
 
-- a running/paused VM whose guest process is alive is re-adopted as is;
+- a running/paused VM whose guest process is alive is re-adopted as is
+  (a ``running`` one whose guest is paused is resumed: see ``adopt``; a
+  ``paused`` one, paused for an outbound switchover when the agent died,
+  stays paused: the destination may be running it);
 - a running/paused VM whose segment survived but whose guest died gets a new
   guest that continues from the vCPU state in the segment;
 - an ``incoming`` record (a destination shell of a migration that never
@@ -17,13 +20,26 @@ import json
 import os
 from typing import Iterator
 
-from memstore import GuestRam, list_segments, unlink_segment
+import signal
+
+import psutil
+
+from memstore import Cmd, GuestRam, is_guest_process, list_segments, unlink_segment
 
 from .errors import VmError
 from .logs import get_logger
 from .vm import Vm, VmRecord
 
 log = get_logger("livemig.registry")
+
+
+def _kill(pid: int) -> None:
+    try:
+        p = psutil.Process(pid)
+        p.send_signal(signal.SIGKILL)
+        p.wait(5)
+    except (psutil.NoSuchProcess, psutil.TimeoutExpired):
+        pass
 
 
 class VmRegistry:
@@ -99,11 +115,13 @@ class VmRegistry:
 
     def adopt(self, guest_log_dir: str | None = None) -> dict[str, list[str]]:
         """Reconcile records, segments and guest processes after a (re)start."""
-        result: dict[str, list[str]] = {"adopted": [], "restarted": [], "discarded": [], "orphans": []}
+        result: dict[str, list[str]] = {"adopted": [], "restarted": [], "paused": [], "discarded": [], "orphans": []}
         keep: set[str] = set()
         for rec in self.records():
             path = os.path.join(self.dir, f"{rec.name}.json")
             if rec.state == "incoming":
+                if rec.guest_pid and is_guest_process(rec.guest_pid, rec.segment):
+                    _kill(rec.guest_pid)          # the standby guest of an unfinished shell
                 unlink_segment(rec.segment)
                 os.unlink(path)
                 result["discarded"].append(rec.name)
@@ -120,8 +138,18 @@ class VmRegistry:
                 result["adopted"].append(rec.name)
             else:
                 log_path = os.path.join(guest_log_dir, f"{rec.name}.log") if guest_log_dir else None
+                if rec.state == "paused":
+                    ram.ctl.command(Cmd.PAUSE)
                 vm.start_guest(log_path)
                 result["restarted"].append(rec.name)
+            if rec.state == "running" and ram.ctl.cmd != Cmd.RUN:
+                # Saved as running but paused: a destination that crashed between
+                # taking ownership (record first) and resuming its standby guest.
+                ram.ctl.command(Cmd.RUN)
+            elif rec.state == "paused":
+                # Paused for an outbound switchover when this agent died: the
+                # destination may run the VM now. Left paused for the operator.
+                result["paused"].append(rec.name)
             self._vms[rec.name] = vm
             self.save(vm)
             keep.add(rec.segment)

@@ -95,7 +95,6 @@ class SourceMigration:
         bw = mcfg.max_bandwidth_mibps if max_bandwidth_mibps is None else max_bandwidth_mibps
         self.max_bandwidth_bps = bw * 2**20
         self.conn = None
-        self.paused = False
         self.resume_sent = False
         self.t_pause = 0.0
         self.meter = BandwidthMeter()
@@ -193,8 +192,9 @@ class SourceMigration:
         job.tracker.set_phase(expected=P.PRECOPY, new=P.STOP_AND_COPY)
         st.guest_rate_during_pps = int(vm.ctl.rate_pps)
         self.t_pause = time.monotonic()
+        vm.record.state = "paused"           # a restart must not resume a VM that may run elsewhere
+        host.registry.save(vm)
         await vm.pause(mcfg.guest_ack_timeout_s)
-        self.paused = True
         st.writes_at_pause = int(vm.ctl.writes)
         runs = dirty.collect()
         st.dirty_syncs += 1
@@ -209,7 +209,8 @@ class SourceMigration:
         # ---- verify: frozen source vs what the destination holds
         job.tracker.set_phase(expected=P.STOP_AND_COPY, new=P.VERIFY)
         t_verify = time.monotonic()
-        src_task = asyncio.create_task(asyncio.to_thread(chunk_digests, ram.ram, DIGEST_CHUNK_PAGES))
+        src_task = asyncio.create_task(
+            asyncio.to_thread(chunk_digests, ram.ram, DIGEST_CHUNK_PAGES, ram.next_data_page))
         try:
             theirs = await conn.expect(Digests, mcfg.io_timeout_s)
         finally:
@@ -260,27 +261,41 @@ class SourceMigration:
 
     # ---- sending pages ---------------------------------------------------
     async def _send_full_pass(self) -> int:
-        """Round 1: every page, zero granules announced instead of sent."""
+        """Round 1: every page. Holes of the segment (never written) are found
+        with SEEK_DATA and announced as zero without reading them; the rest is
+        scanned in 1 MiB chunks and zero granules are announced, not sent."""
         ram = self.vm.ram
         npages = ram.npages
         zero: list[tuple[int, int]] = []
         zero_pages = 0
         sent = 0
         nb = 0
-        for first in range(0, npages, BATCH_PAGES):
-            count = min(BATCH_PAGES, npages - first)
-            data_runs, zero_runs = split_zero(ram.ram, PageRun(first, count))
+
+        def add_zero(first: int, count: int) -> None:
+            nonlocal zero_pages
+            if zero and zero[-1][0] + zero[-1][1] == first:
+                zero[-1] = (zero[-1][0], zero[-1][1] + count)
+            else:
+                zero.append((first, count))
+            zero_pages += count
+
+        page = 0
+        while page < npages:
+            data_at = ram.next_data_page(page)
+            if data_at > page:
+                add_zero(page, data_at - page)
+                page = data_at
+                continue
+            count = min(BATCH_PAGES, npages - page)
+            data_runs, zero_runs = split_zero(ram.ram, PageRun(page, count))
             for r in zero_runs:
-                if zero and zero[-1][0] + zero[-1][1] == r.first:
-                    zero[-1] = (zero[-1][0], zero[-1][1] + r.count)
-                else:
-                    zero.append((r.first, r.count))
-                zero_pages += r.count
+                add_zero(r.first, r.count)
             if zero_pages >= ZERO_BATCH_PAGES or len(zero) >= BATCH_RUNS:
                 await self._send_zero(zero, 1)
                 zero, zero_pages = [], 0
             if data_runs:
                 sent += await self._send_batch([(r.first, r.count) for r in data_runs], 1)
+            page += count
             nb += 1
             if nb % YIELD_EVERY_BATCHES == 0:
                 await asyncio.sleep(0)
@@ -388,9 +403,10 @@ class SourceMigration:
                 code = ErrorCode.CANCELLED if cancelled else ErrorCode.INTERNAL
                 await self.conn.abort(code, reason)
             vm.ctl.throttle_pct = 0
-            if self.paused:
+            if vm.record.state == "paused":
                 await vm.resume(self.host.cfg.migration.guest_ack_timeout_s)
-                self.paused = False
+                vm.record.state = "running"
+                self.host.registry.save(vm)
         except VmError as exc:
             log.error("rollback_resume_failed", error=str(exc))
             job.error = f"{reason}; rollback: {exc}"

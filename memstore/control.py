@@ -356,7 +356,7 @@ class ControlBlock:
 
     def load_vcpu_state(self, blob: bytes) -> None:
         """Install a vCPU state produced by :meth:`vcpu_state` (no guest may
-        be running on this segment). Strict: SegmentError on anything but a
+        be running on this segment; a paused one reloads it on resume). Strict: SegmentError on anything but a
         map with exactly the four keys, u64 ints, a workload spec that parses
         and fits this segment, and a cursor below npages."""
         if not isinstance(blob, (bytes, bytearray, memoryview)):
@@ -386,9 +386,9 @@ class ControlBlock:
             raise SegmentError(f"vCPU state carries an unusable workload: {exc}") from exc
         if npages and state["cursor"] >= npages:
             raise SegmentError(f"vCPU state cursor {state['cursor']} is outside {npages} pages")
-        if self._q[_GUEST_STATE] in (GuestState.RUNNING, GuestState.PAUSED):
-            raise GuestError("cannot load vCPU state while a guest is attached (state "
-                             f"{self.guest_state.name}); load it before launching the guest")
+        if self._q[_GUEST_STATE] == GuestState.RUNNING:
+            raise GuestError("cannot load vCPU state while the guest runs; pause it first "
+                             "(a paused guest takes the new state when it resumes)")
         self.workload = spec
         self.seed = state["seed"]
         self.writes = state["writes"]

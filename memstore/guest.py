@@ -296,6 +296,25 @@ class _Guest:
             self.ack(seq)
         return EXIT_OK
 
+    def reload(self) -> None:
+        """Take the vCPU state from the control page again (on every resume).
+
+        A pause stored our own state there, so this is a no-op after a plain
+        pause/resume; after ``load_vcpu_state`` into a paused standby guest
+        (a migration destination launches its guest paused during setup, so
+        the interpreter start-up is not part of the downtime) the guest
+        continues from the shipped state.
+        """
+        ctl = self.ctl
+        self.writes = ctl.writes
+        self.cursor = ctl.cursor % self.gr.npages
+        spec = ctl.workload
+        if ctl.seed != self.seed or spec != self.workload.spec:
+            workload = parse_workload(spec)
+            validate_for(workload, self.gr.size_bytes)
+            self.seed, self.workload = ctl.seed, workload
+            self.write = make_writer(workload, self.gr.npages, self.seed, self.gr.ram, self.gr.dirty)
+
     def pause(self, seq: int) -> int | None:
         """Paused until RUN (returns None) or STOP/signal (returns exit code)."""
         ctl = self.ctl
@@ -313,6 +332,7 @@ class _Guest:
                 return self.stop(None)
             seq, cmd = ctl.read_command()
             if cmd is Cmd.RUN:
+                self.reload()
                 ctl.guest_state = GuestState.RUNNING
                 self.ack(seq)
                 self.meas_t0, self.meas_w0 = now, self.writes
@@ -343,6 +363,7 @@ class _Guest:
                 code = self.pause(seq)
                 if code is not None:
                     return code
+                write, base_rate, last_pct = self.write, self.workload.rate_pps, -1   # reloaded state
                 win_t0, win_done, running = _now_ns(), 0, True
                 continue
             if cmd is Cmd.STOP:

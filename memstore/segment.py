@@ -42,6 +42,7 @@ so call prefault() on segments that will be written by this host.
 from __future__ import annotations
 
 import mmap
+import errno
 import os
 import stat
 
@@ -245,6 +246,27 @@ class GuestRam:
         if not 0 <= page <= self.npages:
             raise ValueError(f"page {page} outside 0..{self.npages}")
         return self.ram_offset + page * PAGE_SIZE
+
+    def next_data_page(self, page: int) -> int:
+        """First page at or after ``page`` that the file holds (``npages`` if none).
+
+        Pages before it are holes: never written, so zero, and reading them
+        would allocate them (tmpfs fills a hole on a read fault), which costs
+        more than sending them. ``lseek(SEEK_DATA)`` finds them without
+        touching memory. A page the guest writes after this call is marked
+        dirty, so the answer may be stale but never loses a write.
+        """
+        if not 0 <= page <= self.npages:
+            raise ValueError(f"page {page} outside 0..{self.npages}")
+        if page == self.npages:
+            return page
+        try:
+            off = os.lseek(self.fd, self.ram_offset + page * PAGE_SIZE, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:        # no data after this offset
+                return self.npages
+            raise SegmentError(f"lseek(SEEK_DATA) on {self.path}: {exc}") from exc
+        return min(self.npages, max(page, (off - self.ram_offset) // PAGE_SIZE))
 
     def prefault(self) -> None:
         """Make every RAM page allocated, resident and writable in this

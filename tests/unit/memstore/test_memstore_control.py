@@ -129,6 +129,9 @@ def test_vcpu_state_refused_while_running(ctl):
     assert msgpack.unpackb(ctl.vcpu_state(allow_running=True))["writes"] == 0
     with pytest.raises(GuestError):
         ctl.load_vcpu_state(msgpack.packb({"writes": 1, "seed": 2, "cursor": 0, "workload": "idle"}))
+    ctl.guest_state = GuestState.PAUSED        # a paused guest takes it on resume
+    ctl.load_vcpu_state(msgpack.packb({"writes": 1, "seed": 2, "cursor": 0, "workload": "idle"}))
+    assert ctl.writes == 1
 
 
 def _blob(**over):

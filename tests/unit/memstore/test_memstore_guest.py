@@ -121,7 +121,8 @@ def test_starts_paused_when_told(make_ram, guests):
     assert ram.ctl.writes == 0 and not any(ram.dirty)
 
 
-def test_vcpu_state_continues_exactly_on_another_segment(make_ram, guests):
+@pytest.mark.parametrize("standby", [False, True], ids=["launched-after-load", "standby-guest"])
+def test_vcpu_state_continues_exactly_on_another_segment(make_ram, guests, standby):
     for spec, seed in [("uniform:rate=5000", 11), ("sequential:rate=5000", 12),
                        ("hotset:ws=256K,rate=5000", 13)]:
         src = make_ram(f"src-{seed}", 1 << 20)
@@ -139,8 +140,15 @@ def test_vcpu_state_continues_exactly_on_another_segment(make_ram, guests):
         assert src.ctl.vcpu_state() == blob  # stopping changed nothing
 
         dst.ram[:] = src.ram
-        dst.ctl.load_vcpu_state(blob)
-        p2 = guests(dst, start=Cmd.PAUSE)
+        if standby:
+            # As a migration destination does: the guest is launched paused
+            # during setup and the vCPU state arrives while it waits.
+            p2 = guests(dst, "idle", seed=999, start=Cmd.PAUSE)
+            assert dst.ctl.guest_state == GuestState.PAUSED
+            dst.ctl.load_vcpu_state(blob)
+        else:
+            dst.ctl.load_vcpu_state(blob)
+            p2 = guests(dst, start=Cmd.PAUSE)
         assert dst.ctl.writes == n0 and not any(dst.dirty)
         command(dst, Cmd.RUN)
         wait_for(lambda: dst.ctl.writes >= n0 + 200, what="destination writes")

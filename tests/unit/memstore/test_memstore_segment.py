@@ -234,3 +234,32 @@ def test_prefault_makes_ram_resident(make_ram, monkeypatch, fallback):
 def test_mmap_module_constant_still_missing_or_equal():
     # MADV_POPULATE_WRITE is hard-coded because 3.11 does not export it.
     assert getattr(mmap, "MADV_POPULATE_WRITE", segment_mod.MADV_POPULATE_WRITE) == 23
+
+
+def test_next_data_page_finds_holes_without_touching_them(make_ram):
+    ram = make_ram("holes", 1 << 20)          # 256 pages, all holes
+    assert ram.next_data_page(0) == ram.npages
+    ram.ram[10 * PAGE_SIZE] = 1
+    ram.ram[200 * PAGE_SIZE + 5] = 7
+    assert ram.next_data_page(0) == 10
+    assert ram.next_data_page(10) == 10
+    assert ram.next_data_page(11) == 200
+    assert ram.next_data_page(201) == ram.npages
+    assert ram.next_data_page(ram.npages) == ram.npages
+    blocks = os.fstat(ram.fd).st_blocks
+    ram.next_data_page(0)
+    assert os.fstat(ram.fd).st_blocks == blocks   # asking allocated nothing
+    with pytest.raises(ValueError):
+        ram.next_data_page(ram.npages + 1)
+
+
+def test_chunk_digests_skip_holes_and_agree(make_ram):
+    from memstore import chunk_digests
+
+    ram = make_ram("dig-holes", 1 << 20)
+    ram.ram[70 * PAGE_SIZE] = 3               # chunk 4 of the 16-page chunks holds data
+    blocks = os.fstat(ram.fd).st_blocks
+    fast = chunk_digests(ram.ram, 16, ram.next_data_page)
+    # only the data chunk was read (reading allocates its 15 holes); the other 15 chunks were not
+    assert (os.fstat(ram.fd).st_blocks - blocks) * 512 <= 15 * PAGE_SIZE
+    assert fast == chunk_digests(ram.ram, 16)     # same answer as reading everything
