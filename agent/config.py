@@ -73,11 +73,13 @@ class LimitsSection:
     max_live_migrations: int = 2
     max_storage_migrations: int = 2
     max_connections: int = 64            # concurrent migration-endpoint connections
+    max_guest_memory_mib: int = 0        # guest RAM this host may hold in all; 0 = what psutil says is free
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_live_migrations <= 1024, "limits.max_live_migrations: 1..1024")
         _check(1 <= self.max_storage_migrations <= 1024, "limits.max_storage_migrations: 1..1024")
         _check(1 <= self.max_connections <= 4096, "limits.max_connections: 1..4096")
+        _check(self.max_guest_memory_mib >= 0, "limits.max_guest_memory_mib: >= 0")
 
 
 @dataclass(frozen=True, slots=True)

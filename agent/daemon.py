@@ -35,9 +35,6 @@ from .vm import Vm, VmRecord, check_workload
 
 log = get_logger("livemig.agent")
 
-MEMORY_HEADROOM_BYTES = 256 * 2**20
-
-
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -144,10 +141,10 @@ class Agent:
         reg = self.host.registry
         if name in reg:
             raise VmError(f"a VM named {name!r} already exists on {self.host.name}")
-        available = psutil.virtual_memory().available - sum(reg.reserved.values()) - MEMORY_HEADROOM_BYTES
+        available = self.host.memory_available()
         if memory_bytes > available:
-            raise VmError(f"not enough memory: VM needs {memory_bytes / 2**20:.0f} MiB, "
-                          f"{max(available, 0) / 2**20:.0f} MiB available")
+            raise VmError(f"not enough memory on {self.host.name}: VM needs {memory_bytes / 2**20:.0f} MiB, "
+                          f"{available / 2**20:.0f} MiB available")
         vm_id = Vm.new_id()
         seg = reg.segment_name(name, vm_id)
         ram = GuestRam.create(seg, memory_bytes)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import psutil
 import structlog
 
 from memstore import PAGE_SIZE, Cmd, GuestRam, chunk_digests
@@ -65,7 +64,6 @@ from .vm import Vm, VmRecord, check_workload
 
 log = get_logger("livemig.destination")
 
-MEMORY_HEADROOM_BYTES = 256 * 2**20     # keep this much available for the host itself
 _ZERO = bytes(64 * PAGE_SIZE)
 REASON_CHARS = 1000
 
@@ -177,11 +175,11 @@ class DestinationMigration:
             check_workload(p.workload, p.memory_bytes)
         except AgentError as exc:
             raise AdmissionRefused(f"cannot run this VM here: {exc}", ErrorCode.INCOMPATIBLE) from exc
-        available = psutil.virtual_memory().available - sum(host.registry.reserved.values()) - MEMORY_HEADROOM_BYTES
+        available = host.memory_available()
         if p.memory_bytes > available:
             raise AdmissionRefused(
                 f"not enough memory on {host.name}: VM needs {p.memory_bytes / 2**20:.0f} MiB, "
-                f"{max(available, 0) / 2**20:.0f} MiB available", ErrorCode.NO_MEMORY)
+                f"{available / 2**20:.0f} MiB available", ErrorCode.NO_MEMORY)
         if not host.slots.try_acquire():
             raise AdmissionRefused(
                 f"{host.name} runs {host.slots.in_use} of {host.slots.limit} live migrations", ErrorCode.BUSY)

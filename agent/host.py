@@ -6,11 +6,16 @@ import collections
 import os
 from dataclasses import dataclass, field
 
+import psutil
+
 from protocol import FEATURES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Capabilities
 
 from .config import AgentConfig
 from .jobs import JobTable
 from .registry import VmRegistry
+
+
+MEMORY_HEADROOM_BYTES = 256 * 2**20     # kept free for the host itself
 
 
 class LiveSlots:
@@ -89,6 +94,17 @@ class Host:
             features=FEATURES,
             max_live_migrations=self.slots.limit,
         )
+
+    def memory_available(self) -> int:
+        """Guest RAM this host can still take: free memory (psutil) less the
+        inbound reservations and a headroom for the host itself, capped by
+        limits.max_guest_memory_mib less what its VMs already hold."""
+        reg = self.registry
+        free = psutil.virtual_memory().available - sum(reg.reserved.values()) - MEMORY_HEADROOM_BYTES
+        cap_mib = self.cfg.limits.max_guest_memory_mib
+        if cap_mib:
+            free = min(free, cap_mib * 2**20 - reg.committed_memory())
+        return max(free, 0)
 
     def guest_log(self, vm: str) -> str:
         return os.path.join(self.guest_log_dir, f"{vm}.log")

@@ -35,6 +35,7 @@ from protocol import (
     MigrationSession,
     PageBatch,
     ProtocolError,
+    Reject,
     RemoteProtocolError,
     decode_body,
     encode_frame,
@@ -243,6 +244,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     async def expect(self, cls: type, timeout_s: float = 30.0):
         msg = await self.recv(timeout_s)
+        if isinstance(msg, Reject) and cls is not Reject:
+            raise PeerError(f"{self.peer} refused: {msg.reason}", int(msg.code))
         if not isinstance(msg, cls):  # the session already checked the order; this is a driver bug guard
             raise RemoteProtocolError(f"expected {cls.__name__}, got {type(msg).__name__}", ErrorCode.UNEXPECTED)
         return msg
