@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name")
     c.add_argument("--memory", default="256M")
     c.add_argument("--workload", default="idle")
+    c.add_argument("--prefill", choices=("none", "random"), default="none",
+                   help="fill guest RAM before the guest starts (random = incompressible, no zero pages)")
     c.add_argument("--json", action="store_true")
     l = vm.add_parser("list")
     l.add_argument("--json", action="store_true")
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         cl = _client(ns)
         if ns.cmd == "vm":
             if ns.vmcmd == "create":
-                r = cl.call("vm.create", name=ns.name, memory=ns.memory, workload=ns.workload)
+                r = cl.call("vm.create", timeout_s=300.0, name=ns.name, memory=ns.memory, workload=ns.workload,
+                            prefill=ns.prefill)
                 _out(ns, r, f"created {r['name']} ({_fmt_bytes(r['memory_bytes'])}, {r['workload']}): {r['state']}")
             elif ns.vmcmd == "list":
                 r = cl.call("vm.list")

@@ -35,6 +35,13 @@ from .vm import Vm, VmRecord, check_workload
 
 log = get_logger("livemig.agent")
 
+def _fill_random(ram: memoryview, chunk_bytes: int = 4 * 2**20) -> None:
+    """Fill guest RAM with incompressible bytes (a VM that has used all its memory)."""
+    for off in range(0, len(ram), chunk_bytes):
+        n = min(chunk_bytes, len(ram) - off)
+        ram[off:off + n] = os.urandom(n)
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
@@ -145,11 +152,16 @@ class Agent:
         if memory_bytes > available:
             raise VmError(f"not enough memory on {self.host.name}: VM needs {memory_bytes / 2**20:.0f} MiB, "
                           f"{available / 2**20:.0f} MiB available")
+        prefill = args.get("prefill", "none")
+        if prefill not in ("none", "random"):
+            raise VmError(f"prefill: 'none' or 'random', got {prefill!r}")
         vm_id = Vm.new_id()
         seg = reg.segment_name(name, vm_id)
         ram = GuestRam.create(seg, memory_bytes)
         vm = None
         try:
+            if prefill == "random":
+                await asyncio.to_thread(_fill_random, ram.ram)
             ram.ctl.workload = workload
             ram.ctl.seed = int.from_bytes(os.urandom(8), "little") >> 1
             rec = VmRecord(name=name, id=vm_id, memory_bytes=memory_bytes, workload=workload, segment=seg)
