@@ -51,6 +51,45 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _bar(frac: float, width: int = 24) -> str:
+    frac = min(max(frac, 0.0), 1.0)
+    full = int(frac * width)
+    return "[" + "#" * full + "." * (width - full) + "]"
+
+
+def format_progress(j: dict) -> str:
+    total = j.get("pages_total") or 0
+    done = j.get("pages_sent", 0)
+    final = j["state"] in ("completed", "failed", "cancelled")
+    frac = 1.0 if j["state"] == "completed" else (min(done / total, 1.0) if total else 0.0)
+    bw = j.get("bandwidth_bps") or 0
+    eta = j.get("eta_s")
+    extra = (f" round {j.get('round', 0)} {bw / 2**20:7.1f} MiB/s dirty {j.get('dirty_rate_pps', 0)}/s"
+             + (f" eta {eta:.1f}s" if eta is not None and not final else ""))
+    why = f" ({j['error']})" if j.get("error") else (f" ({j['waiting_for']})" if j.get("waiting_for") else "")
+    arrow = "->" if j.get("direction") == "outbound" else "<-"
+    peer = j["destination"] if j.get("direction") == "outbound" else j["source"]
+    return f"{j['id']} {j['vm']:<12} {arrow} {peer:<21} {j['state']:<13} {_bar(frac)} {frac * 100:5.1f}%{extra}{why}"
+
+
+def watch_jobs(cl, interval_s: float) -> int:
+    """Live progress bars until every job has ended."""
+    import time
+
+    tty = sys.stdout.isatty()
+    while True:
+        jobs = cl.call("jobs")
+        lines = [format_progress(j) for j in jobs] or ["(no jobs)"]
+        if tty:
+            sys.stdout.write("\x1b[H\x1b[2J")
+        print("\n".join(lines), flush=True)
+        if all(j["state"] in ("completed", "failed", "cancelled") for j in jobs):
+            return EXIT_OK
+        if not tty:
+            print("--", flush=True)
+        time.sleep(interval_s)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="livemig", description="Live migration of shared-memory VMs between agents.")
     p.add_argument("--agent", default=os.environ.get("LIVEMIG_AGENT"),
@@ -95,8 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-bandwidth", type=int, metavar="MIBPS", help="bandwidth cap for this migration (MiB/s)")
     m.add_argument("--json", action="store_true")
 
+    m.add_argument("--priority", type=int, default=0, help="higher leaves the queue first (default 0)")
+
+    dr = sub.add_parser("drain", help="maintenance: accept no VMs and move every VM to the targets")
+    dr.add_argument("--to", action="append", required=True, metavar="HOST:PORT", help="a target (repeatable)")
+    dr.add_argument("--wait", action="store_true")
+    dr.add_argument("--downtime-ms", type=int)
+    dr.add_argument("--max-bandwidth", type=int, metavar="MIBPS")
+    dr.add_argument("--json", action="store_true")
+    ud = sub.add_parser("undrain", help="end maintenance")
+    ud.add_argument("--json", action="store_true")
+
     j = sub.add_parser("jobs", help="migrations of this agent (running and finished)")
     j.add_argument("--json", action="store_true")
+    j.add_argument("--watch", action="store_true", help="live progress until every job has ended (Ctrl-C stops)")
+    j.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
     r = sub.add_parser("job", help="one migration's report")
     r.add_argument("id")
     r.add_argument("--wait", action="store_true")
@@ -186,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                 _out(ns, r, f"deleted {r['deleted']}")
             return EXIT_OK
         if ns.cmd == "migrate":
-            args = {"vm": ns.vm, "to": ns.to, "wait": ns.wait}
+            args = {"vm": ns.vm, "to": ns.to, "wait": ns.wait, "priority": ns.priority}
             if ns.downtime_ms is not None:
                 args["downtime_ms"] = ns.downtime_ms
             if ns.max_bandwidth is not None:
@@ -198,8 +250,29 @@ def main(argv: list[str] | None = None) -> int:
             _out(ns, r, r["id"])
             return EXIT_OK
         if ns.cmd == "jobs":
+            if ns.watch:
+                return watch_jobs(cl, ns.interval)
             r = cl.call("jobs")
             _out(ns, r, _table(r, ["id", "vm", "direction", "source", "destination", "state", "pages_sent", "error"]))
+            return EXIT_OK
+        if ns.cmd == "drain":
+            args = {"to": ns.to, "wait": ns.wait}
+            if ns.downtime_ms is not None:
+                args["downtime_ms"] = ns.downtime_ms
+            if ns.max_bandwidth is not None:
+                args["max_bandwidth_mibps"] = ns.max_bandwidth
+            r = cl.call("drain", timeout_s=None if ns.wait else 30.0, **args)
+            if ns.wait:
+                human = "\n".join([f"drain {r['status']} in {r['drain_ms']:.0f} ms", _table(
+                    r["vms"], ["vm", "destination", "status", "total_ms", "downtime_ms", "error"])]
+                    + ([f"left on this host: {', '.join(r['vms_left'])}"] if r["vms_left"] else []))
+                _out(ns, r, human)
+                return EXIT_OK if r["status"] == "completed" else EXIT_FAIL
+            _out(ns, r, "maintenance on; queued " + " ".join(j["id"] for j in r["jobs"]))
+            return EXIT_OK
+        if ns.cmd == "undrain":
+            r = cl.call("undrain")
+            _out(ns, r, "maintenance off")
             return EXIT_OK
         if ns.cmd == "job":
             r = cl.call("job.wait" if ns.wait else "job.show", timeout_s=None if ns.wait else 30.0, id=ns.id)

@@ -30,7 +30,7 @@ from .jobs import Job
 from .logs import get_logger
 from .phases import MigrationPhase, is_cancellable
 from .registry import VmRegistry
-from .source import SourceMigration
+from .outbound import run_outbound
 from .vm import Vm, VmRecord, check_workload
 
 log = get_logger("livemig.agent")
@@ -113,6 +113,8 @@ class Agent:
             "job.show": self.op_job_show,
             "job.wait": self.op_job_wait,
             "cancel": self.op_cancel,
+            "drain": self.op_drain,
+            "undrain": self.op_undrain,
             "config.set": self.op_config_set,
         }
 
@@ -128,7 +130,10 @@ class Agent:
             "control": self.cfg.agent.control,
             "vms": len(h.registry),
             "max_live_migrations": h.slots.limit,
+            "max_storage_migrations": h.storage_limit,
             "live_migrations_running": h.slots.in_use,
+            "live_migrations_queued": len([j for j in h.jobs.running() if j.phase is MigrationPhase.QUEUED]),
+            "memory_available_bytes": h.memory_available(),
             "maintenance": h.maintenance,
             "uptime_s": round(time.time() - self.started_at, 1),
             "rss_bytes": psutil.Process().memory_info().rss,
@@ -198,44 +203,73 @@ class Agent:
         log.info("vm_deleted", vm=vm.name)
         return {"deleted": vm.name}
 
-    async def op_migrate(self, args: dict):
-        vm = self.host.registry.get(args["vm"])
-        to = args["to"]
-        peer_host, peer_port = parse_hostport(to)
+    def _start_outbound(self, vm: Vm, targets: list[str], args: dict) -> Job:
+        for t in targets:
+            parse_hostport(t)
         if vm.migrating is not None:
             raise VmError(f"{vm.name} is already migrating (job {vm.migrating})")
         if vm.record.state == "incoming":
             raise VmError(f"{vm.name} is still arriving here")
         if vm.state() != "running":
             raise VmError(f"{vm.name} is {vm.state()}; only a running VM can be live-migrated")
-        job = Job(vm=vm.name, source=self.host.listen_addr or self.host.name, destination=to, direction="outbound")
+        job = Job(vm=vm.name, source=self.host.listen_addr or self.host.name,
+                  destination=targets[0] if len(targets) == 1 else "", direction="outbound")
+        job.targets = list(targets)
+        job.priority = int(args.get("priority") or 0)
         self.host.jobs.add(job)
         vm.migrating = job.id
-        driver = SourceMigration(self.host, job, vm, peer_host, peer_port,
-                                 downtime_target_ms=args.get("downtime_ms"),
-                                 max_bandwidth_mibps=args.get("max_bandwidth_mibps"))
+        job.task = self._track(run_outbound(self.host, job, vm, downtime_ms=args.get("downtime_ms"),
+                                            max_bandwidth_mibps=args.get("max_bandwidth_mibps")))
+        log.info("migration_queued", job=job.id, vm=vm.name, targets=targets, priority=job.priority)
+        return job
 
-        async def run():
-            try:
-                await self.host.slots.acquire()
-            except asyncio.CancelledError:
-                vm.migrating = None
-                job.tracker.set_phase(expected=MigrationPhase.QUEUED, new=MigrationPhase.CANCELLING)
-                job.tracker.set_phase(expected=MigrationPhase.CANCELLING, new=MigrationPhase.CANCELLED)
-                job.error = "cancelled while queued"
-                job.finish()
-                raise
-            try:
-                await driver.run()
-            finally:
-                self.host.slots.release()
-
-        job.task = self._track(run())
-        log.info("migration_queued", job=job.id, vm=vm.name, to=to)
+    async def op_migrate(self, args: dict):
+        vm = self.host.registry.get(args["vm"])
+        job = self._start_outbound(vm, [args["to"]], args)
         if args.get("wait"):
             await job.done.wait()
             return job.report()
         return job.summary()
+
+    async def op_drain(self, args: dict):
+        """Maintenance: accept no inbound VMs, move every VM to the targets."""
+        targets = args.get("to") or []
+        if isinstance(targets, str):
+            targets = [targets]
+        if not targets:
+            raise AgentError("drain needs at least one target (--to HOST:PORT)")
+        for t in targets:
+            parse_hostport(t)
+        h = self.host
+        h.maintenance = True
+        t0 = time.time()
+        jobs = []
+        for vm in sorted(h.registry, key=lambda v: -v.record.memory_bytes):   # big ones first: best fit
+            if vm.migrating is None and vm.record.state != "incoming" and vm.state() == "running":
+                jobs.append(self._start_outbound(vm, targets, args))
+        log.info("drain_started", vms=len(jobs), targets=targets)
+        if not args.get("wait"):
+            return {"maintenance": True, "jobs": [j.summary() for j in jobs]}
+        await asyncio.gather(*(j.done.wait() for j in jobs))
+        reports = [j.report() for j in jobs]
+        left = [vm.name for vm in h.registry]
+        result = {
+            "maintenance": True,
+            "status": "completed" if all(r["status"] == "completed" for r in reports) and not left else "incomplete",
+            "drain_ms": round((time.time() - t0) * 1000.0, 1),
+            "vms": [{"vm": r["vm"], "destination": r["destination"], "status": r["status"], "error": r["error"],
+                     "total_ms": r["total_ms"], "downtime_ms": r["downtime_ms"], "queued_at": r["queued_at"],
+                     "started_at": r["started_at"], "finished_at": r["finished_at"],
+                     "bytes_sent": r["bytes_sent"], "verified": r["verified"]} for r in reports],
+            "vms_left": left,
+        }
+        log.info("drain_finished", status=result["status"], drain_ms=result["drain_ms"], vms_left=len(left))
+        return result
+
+    async def op_undrain(self, args: dict):
+        self.host.maintenance = False
+        log.info("maintenance_ended")
+        return {"maintenance": False}
 
     async def op_jobs(self, args: dict):
         return [j.summary() for j in self.host.jobs]
@@ -268,12 +302,21 @@ class Agent:
 
     async def op_config_set(self, args: dict):
         key, value = args["key"], args["value"]
-        if key in ("max-live-migrations", "max_live_migrations", "limits.max_live_migrations"):
-            n = int(value)
+        key = key.replace("limits.", "").replace("-", "_")
+        if key in ("max_live_migrations", "max_storage_migrations"):
+            try:
+                n = int(value)
+            except ValueError:
+                raise AgentError(f"{key}: expected an integer, got {value!r}") from None
             if not 1 <= n <= 1024:
-                raise AgentError("max-live-migrations: 1..1024")
-            self.host.slots.set_limit(n)
-            return {"max_live_migrations": n}
+                raise AgentError(f"{key}: 1..1024")
+            if key == "max_live_migrations":
+                self.host.slots.set_limit(n)
+                self.host.pairs.wake_all()
+            else:
+                self.host.storage_limit = n
+            log.info("limit_changed", key=key, value=n)
+            return {key: n}
         raise AgentError(f"unknown or read-only setting {key!r}")
 
 

@@ -136,6 +136,8 @@ class DestinationMigration:
         await conn.send(Welcome(
             version=agreement.version, agent=host.name, features=tuple(sorted(agreement.features)),
             max_live_migrations=caps.max_live_migrations, slots=agreement.slots, nonce=nonce, proof=proof,
+            slots_free=max(0, host.slots.limit - host.slots.in_use), memory_free_bytes=host.memory_available(),
+            status="maintenance" if host.maintenance else "accepting",
         ))
         if proof:
             auth = await conn.expect(Auth, t)
@@ -144,7 +146,11 @@ class DestinationMigration:
             except ProtocolError as exc:
                 await conn.send(Reject(code=exc.code, reason="authentication failed"))
                 return None
-        msg = await conn.recv(t)
+        try:
+            msg = await conn.recv(t)
+        except PeerLost:
+            log.debug("probe_answered", peer=conn.peer, source_agent=hello.agent)   # Hello/Welcome/close
+            return None
         if isinstance(msg, Query):
             await conn.send(QueryResult(migration_id=msg.migration_id, state=self._query(msg.migration_id)))
             return None
@@ -190,16 +196,16 @@ class DestinationMigration:
     async def _migrate(self, p: Prepare) -> None:
         host, conn = self.host, self.conn
         mcfg = host.cfg.migration
-        job = Job(vm=p.vm, source=p.source, destination=host.name, direction="inbound", job_id=p.migration_id)
-        job.slots = self.agreement.slots
-        job.started_at = time.time()
-        self.job = host.jobs.add(job)
-        job.tracker._on_change = lambda o, n, ms: log.info("phase_changed", old=o.value, new=n.value,
-                                                           elapsed_ms=round(ms, 1))
-        with structlog.contextvars.bound_contextvars(migration_id=job.id, vm=p.vm, role="destination",
+        with structlog.contextvars.bound_contextvars(migration_id=p.migration_id, vm=p.vm, role="destination",
                                                      peer=self.peer_agent):
+            self._admit(p)          # refusals leave no job behind: the source requeues or fails
+            job = Job(vm=p.vm, source=p.source, destination=host.name, direction="inbound", job_id=p.migration_id)
+            job.slots = self.agreement.slots
+            job.started_at = time.time()
+            self.job = host.jobs.add(job)
+            job.tracker._on_change = lambda o, n, ms: log.info("phase_changed", old=o.value, new=n.value,
+                                                               elapsed_ms=round(ms, 1))
             job.tracker.set_phase(expected=P.QUEUED, new=P.NEGOTIATE)
-            self._admit(p)
             job.tracker.set_phase(expected=P.NEGOTIATE, new=P.SETUP)
             t0 = time.monotonic()
             vm_id = Vm.new_id()
@@ -311,7 +317,7 @@ class DestinationMigration:
             if job is not None and job.phase is P.COMMIT:
                 job.tracker.set_phase(expected=P.COMMIT, new=P.COMPLETED)
             return
-        if reject and job is not None and job.phase in (P.NEGOTIATE,):
+        if reject:
             try:
                 await self.conn.send(Reject(code=code, reason=reason[:REASON_CHARS]))
             except (AgentError, ProtocolError):

@@ -1,8 +1,6 @@
 """Host: the small owners one agent is made of, passed explicitly to drivers."""
 from __future__ import annotations
 
-import asyncio
-import collections
 import os
 from dataclasses import dataclass, field
 
@@ -13,58 +11,10 @@ from protocol import FEATURES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Capabilit
 from .config import AgentConfig
 from .jobs import JobTable
 from .registry import VmRegistry
+from .scheduler import LiveSlots, PairLimits
 
 
 MEMORY_HEADROOM_BYTES = 256 * 2**20     # kept free for the host itself
-
-
-class LiveSlots:
-    """This host's live-migration limit, counting inbound and outbound alike.
-
-    Outbound work waits in FIFO order (``acquire``); an inbound request
-    takes a slot only if one is free now (``try_acquire``), so a host never
-    runs more than ``limit`` at once. The limit can change at run time.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_use = 0
-        self._waiters: collections.deque[asyncio.Future] = collections.deque()
-
-    def try_acquire(self) -> bool:
-        if self.in_use < self.limit and not self._waiters:
-            self.in_use += 1
-            return True
-        return False
-
-    async def acquire(self) -> None:
-        if self.try_acquire():
-            return
-        fut = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                self.release()          # we were granted a slot while being cancelled
-            else:
-                self._waiters.remove(fut)
-            raise
-
-    def release(self) -> None:
-        self.in_use -= 1
-        self._wake()
-
-    def set_limit(self, limit: int) -> None:
-        self.limit = limit
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self.in_use < self.limit:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self.in_use += 1
-                fut.set_result(None)
 
 
 @dataclass
@@ -80,6 +30,8 @@ class Host:
     def __post_init__(self) -> None:
         if self.slots is None:
             self.slots = LiveSlots(self.cfg.limits.max_live_migrations)
+        self.pairs = PairLimits(self.slots)
+        self.storage_limit = self.cfg.limits.max_storage_migrations
         self.guest_log_dir = os.path.join(self.cfg.agent.data_dir, "guests")
         os.makedirs(self.guest_log_dir, mode=0o700, exist_ok=True)
 

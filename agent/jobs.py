@@ -22,6 +22,10 @@ class Job:
         self.error: str | None = None
         self.verified = False
         self.slots: int | None = None
+        self.priority = 0
+        self.targets: list[str] = [destination] if destination else []
+        self.requeues = 0
+        self.last_refusal: str | None = None
         self.queued_at = time.time()
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -55,6 +59,10 @@ class Job:
             "dirty_rate_pps": round(s.dirty_rate_pps),
             "expected_downtime_ms": round(s.expected_downtime_ms, 1),
             "throttle_pct": s.throttle_pct,
+            "eta_s": round(s.remaining_bytes / s.bandwidth_bps, 2) if s.bandwidth_bps and s.remaining_bytes else None,
+            "priority": self.priority,
+            "requeues": self.requeues,
+            "waiting_for": self.last_refusal if self.phase.value == "queued" else None,
             "error": self.error,
             "queued_at": self.queued_at,
             "started_at": self.started_at,

@@ -7,6 +7,7 @@ are what logs, ``jobs --json`` and reports show.
 
     queued -> negotiate -> setup -> precopy -> stop-and-copy -> verify
            -> resume -> commit -> completed
+    negotiate/setup -> queued   (destination busy: wait and retry)
     any non-final phase -> cancelling -> cancelled
     any non-final phase -> rolling-back -> failed
 """
@@ -41,8 +42,10 @@ _ABORT = frozenset({P.CANCELLING, P.ROLLING_BACK})
 
 TRANSITIONS: Final[Mapping[MigrationPhase, frozenset[MigrationPhase]]] = {
     P.QUEUED: frozenset({P.NEGOTIATE}) | _ABORT,
-    P.NEGOTIATE: frozenset({P.SETUP}) | _ABORT,
-    P.SETUP: frozenset({P.PRECOPY}) | _ABORT,
+    # Back to the queue when the destination is busy (or, in a drain, full)
+    # before anything was transferred.
+    P.NEGOTIATE: frozenset({P.SETUP, P.QUEUED}) | _ABORT,
+    P.SETUP: frozenset({P.PRECOPY, P.QUEUED}) | _ABORT,
     P.PRECOPY: frozenset({P.STOP_AND_COPY}) | _ABORT,
     P.STOP_AND_COPY: frozenset({P.VERIFY}) | _ABORT,
     P.VERIFY: frozenset({P.RESUME}) | _ABORT,

@@ -83,9 +83,14 @@ def batches(runs, max_pages: int = BATCH_PAGES, max_runs: int = BATCH_RUNS):
         yield cur
 
 
+class Requeue(Exception):
+    """The destination cannot take the VM now; the job goes back to the queue."""
+
+
 class SourceMigration:
     def __init__(self, host: Host, job: Job, vm: Vm, peer_host: str, peer_port: int, *,
-                 downtime_target_ms: int | None = None, max_bandwidth_mibps: int | None = None) -> None:
+                 downtime_target_ms: int | None = None, max_bandwidth_mibps: int | None = None,
+                 requeue_on_full: bool = False) -> None:
         self.host = host
         self.job = job
         self.vm = vm
@@ -96,6 +101,10 @@ class SourceMigration:
         self.max_bandwidth_bps = bw * 2**20
         self.conn = None
         self.resume_sent = False
+        # BUSY always waits for a slot; in a drain over several targets a full
+        # or maintenance target is also a reason to try again (elsewhere).
+        self.requeue_codes = {int(ErrorCode.BUSY)} | (
+            {int(ErrorCode.NO_MEMORY), int(ErrorCode.MAINTENANCE)} if requeue_on_full else set())
         self.t_pause = 0.0
         self.meter = BandwidthMeter()
         self._bw_t0 = 0.0
@@ -106,13 +115,22 @@ class SourceMigration:
         log.info("phase_changed", old=old.value, new=new.value, elapsed_ms=round(elapsed_ms, 1))
 
     # ---- entry -------------------------------------------------------------
-    async def run(self) -> None:
+    async def run(self) -> bool:
+        """One attempt. Returns True when the job went back to the queue
+        (destination busy before anything was transferred)."""
         job = self.job
+        requeued = False
         with structlog.contextvars.bound_contextvars(
             migration_id=job.id, vm=job.vm, role="source", peer=job.destination
         ):
             try:
                 await self._migrate()
+            except Requeue as exc:
+                requeued = True
+                job.requeues += 1
+                job.last_refusal = str(exc)
+                job.tracker.set_phase(expected=(P.NEGOTIATE, P.SETUP), new=P.QUEUED)
+                log.info("requeued", reason=str(exc))
             except asyncio.CancelledError:
                 await asyncio.shield(self._rollback("cancelled", cancelled=True))
                 raise
@@ -124,7 +142,9 @@ class SourceMigration:
             finally:
                 if self.conn is not None:
                     self.conn.close()
-                job.finish()
+                if not requeued:
+                    job.finish()
+        return requeued
 
     # ---- the phases ------------------------------------------------------
     async def _migrate(self) -> None:
@@ -137,9 +157,11 @@ class SourceMigration:
         job.started_at = time.time()
         job.tracker.set_phase(expected=P.QUEUED, new=P.NEGOTIATE)
         vm.migrating = job.id
+        st.round_log.clear()
         st.guest_rate_before_pps = int(vm.ctl.rate_pps)
 
         self.conn, agreement, welcome = await open_session(host, self.peer_host, self.peer_port)
+        host.pairs.learn(job.destination, welcome.max_live_migrations)
         job.slots = agreement.slots
         log.info("negotiated", version=agreement.version, slots=agreement.slots,
                  features=sorted(agreement.features), peer_agent=welcome.agent)
@@ -151,7 +173,12 @@ class SourceMigration:
         job.tracker.set_phase(expected=P.NEGOTIATE, new=P.SETUP)
         # The destination creates and pre-faults the shell; allow time for that.
         prefault_budget_s = mcfg.io_timeout_s + vm.record.memory_bytes / 2**30 * 5.0
-        ready = await conn.expect(Ready, prefault_budget_s)
+        try:
+            ready = await conn.expect(Ready, prefault_budget_s)
+        except PeerError as exc:
+            if exc.code in self.requeue_codes:
+                raise Requeue(str(exc)) from exc
+            raise
         st.prefault_ms = ready.prefault_ms
 
         job.tracker.set_phase(expected=P.SETUP, new=P.PRECOPY)
@@ -279,8 +306,10 @@ class SourceMigration:
                 zero.append((first, count))
             zero_pages += count
 
+        st = self.job.stats
         page = 0
         while page < npages:
+            st.remaining_bytes = (npages - page) * PAGE_SIZE      # progress within round 1
             data_at = ram.next_data_page(page)
             if data_at > page:
                 add_zero(page, data_at - page)
@@ -325,7 +354,10 @@ class SourceMigration:
         nbytes = pages * PAGE_SIZE
         views = [ram[f * PAGE_SIZE:(f + c) * PAGE_SIZE] for f, c in runs]
         msg = PageBatch(round=round_no, runs=tuple(runs), flags=BatchFlags.NONE, payload_len=nbytes)
-        await self.conn.send(msg, views, timeout_s=self.host.cfg.migration.io_timeout_s)
+        try:
+            await self.conn.send(msg, views, timeout_s=self.host.cfg.migration.io_timeout_s)
+        finally:
+            views.clear()      # a traceback kept by a cancelled task must not pin the segment
         st = self.job.stats
         st.pages_sent += pages
         st.bytes_sent += nbytes
@@ -402,6 +434,7 @@ class SourceMigration:
             if self.conn is not None:
                 code = ErrorCode.CANCELLED if cancelled else ErrorCode.INTERNAL
                 await self.conn.abort(code, reason)
+                await self.conn.wait_closed()     # drops the transport's views of the segment
             vm.ctl.throttle_pct = 0
             if vm.record.state == "paused":
                 await vm.resume(self.host.cfg.migration.guest_ack_timeout_s)

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import mmap
 import errno
+import gc
 import os
 import stat
 
@@ -313,7 +314,11 @@ class GuestRam:
         self.dirty.release()
         self.ram.release()
         try:
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:
+                gc.collect()        # views kept alive only by reference cycles (tracebacks)
+                self._mm.close()
         except BufferError as exc:
             raise SegmentError(
                 f"segment {self.name!r}: views derived from ram/page_view() are still alive; "

@@ -71,6 +71,7 @@ __all__ = [
     "Abort",
     "REGISTRY",
     "MAX_BLOB_BYTES",
+    "WELCOME_STATUSES",
 ]
 
 #: Room left in a body for the map header, keys and bin headers around the
@@ -80,6 +81,8 @@ _BODY_OVERHEAD: Final = 64
 MAX_BLOB_BYTES: Final = MAX_FRAME_BYTES - _BODY_OVERHEAD
 
 _ERROR_CODES: Final = frozenset(int(c) for c in ErrorCode)
+#: What a Welcome may say of the destination.
+WELCOME_STATUSES: Final = frozenset({"accepting", "maintenance"})
 _KNOWN_FLAGS: Final = int(BatchFlags.ZERO)
 
 # Field kinds, derived from the dataclass annotations by ``_register``.
@@ -287,6 +290,11 @@ class Welcome(Message):
     ``nonce`` is the server nonce; ``proof`` is the server's HMAC proof
     (``auth_proof(key, "server", client_nonce, server_nonce)``), or empty when
     the destination has no key.
+
+    ``slots_free``, ``memory_free_bytes`` and ``status`` ("accepting" or
+    "maintenance") describe the destination's load right now, so a source
+    spreading a drain over several targets can pick one without a second
+    round trip (a probe is Hello/Welcome and a close).
     """
 
     TYPE: ClassVar[MsgType] = MsgType.WELCOME
@@ -297,10 +305,15 @@ class Welcome(Message):
     slots: int
     nonce: bytes
     proof: bytes
+    slots_free: int
+    memory_free_bytes: int
+    status: str
 
     def _check(self) -> None:
         if self.slots < 1:
             raise _fail(self, "slots must be >= 1")
+        if self.status not in WELCOME_STATUSES:
+            raise _fail(self, f"status must be one of {sorted(WELCOME_STATUSES)}, got {self.status!r}")
         _check_len(self, "nonce", self.nonce, NONCE_BYTES)
         _check_len(self, "proof", self.proof, 0, PROOF_BYTES)
 

@@ -106,6 +106,9 @@ STRATEGIES: dict[MsgType, st.SearchStrategy[Message]] = {
         slots=st.integers(1, U64_MAX),
         nonce=nonce,
         proof=st.sampled_from([b"", b"\x5a" * 32]),
+        slots_free=ints,
+        memory_free_bytes=ints,
+        status=st.sampled_from(["accepting", "maintenance"]),
     ),
     MsgType.AUTH: st.builds(Auth, proof=st.binary(min_size=32, max_size=32)),
     MsgType.REJECT: st.builds(Reject, code=codes, reason=text),
@@ -304,7 +307,7 @@ S, D = Role.SOURCE, Role.DESTINATION
 MID = "mig-prop"
 CANONICAL: dict[MsgType, Message] = {
     MsgType.HELLO: Hello(version_min=1, version_max=1, agent="s", features=(), max_live_migrations=1, nonce=b"c" * 16),
-    MsgType.WELCOME: Welcome(version=1, agent="d", features=(), max_live_migrations=1, slots=1, nonce=b"s" * 16, proof=b""),
+    MsgType.WELCOME: Welcome(version=1, agent="d", features=(), max_live_migrations=1, slots=1, nonce=b"s" * 16, proof=b"", slots_free=1, memory_free_bytes=0, status="accepting"),
     MsgType.AUTH: Auth(proof=b"p" * 32),
     MsgType.REJECT: Reject(code=ErrorCode.BUSY, reason="busy"),
     MsgType.PREPARE: Prepare(migration_id=MID, vm="vm", memory_bytes=PAGE_SIZE, workload="", features=(), source="s"),

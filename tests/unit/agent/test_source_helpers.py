@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.host import LiveSlots
+from agent.scheduler import LiveSlots, PairLimits
 from agent.source import batches
 
 

@@ -105,7 +105,8 @@ def test_capabilities_from_hello():
 
 def welcome(version=1, features=("zero-pages",), slots=2) -> Welcome:
     return Welcome(
-        version=version, agent="d", features=features, max_live_migrations=slots, slots=slots, nonce=SN, proof=b""
+        version=version, agent="d", features=features, max_live_migrations=slots, slots=slots, nonce=SN, proof=b"",
+        slots_free=slots, memory_free_bytes=2**30, status="accepting",
     )
 
 

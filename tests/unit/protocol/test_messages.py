@@ -173,7 +173,7 @@ def test_string_limit_is_inclusive():
 
 
 WELCOME = dict(
-    version=1, agent="d", features=(), max_live_migrations=1, slots=1, nonce=b"s" * 16, proof=b""
+    version=1, agent="d", features=(), max_live_migrations=1, slots=1, nonce=b"s" * 16, proof=b"", slots_free=1, memory_free_bytes=0, status="accepting"
 )
 
 
@@ -182,7 +182,8 @@ def test_welcome_proof_lengths_ok(proof):
     assert Welcome(**{**WELCOME, "proof": proof}).proof == proof
 
 
-@pytest.mark.parametrize("changes", [{"proof": b"p" * 31}, {"proof": b"p" * 33}, {"slots": 0}, {"nonce": b""}])
+@pytest.mark.parametrize("changes", [{"proof": b"p" * 31}, {"proof": b"p" * 33}, {"slots": 0}, {"nonce": b""},
+                                     {"status": "busy"}, {"memory_free_bytes": -1}])
 def test_welcome_rejects(changes):
     with pytest.raises(LocalProtocolError):
         Welcome(**{**WELCOME, **changes})
