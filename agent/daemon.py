@@ -35,6 +35,17 @@ from .vm import Vm, VmRecord, check_workload
 
 log = get_logger("livemig.agent")
 
+def _rss_anon() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _fill_random(ram: memoryview, chunk_bytes: int = 4 * 2**20) -> None:
     """Fill guest RAM with incompressible bytes (a VM that has used all its memory)."""
     for off in range(0, len(ram), chunk_bytes):
@@ -137,6 +148,7 @@ class Agent:
             "maintenance": h.maintenance,
             "uptime_s": round(time.time() - self.started_at, 1),
             "rss_bytes": psutil.Process().memory_info().rss,
+            "rss_anon_bytes": _rss_anon(),      # RSS without mapped guest memory (shm pages count in rss)
         }
 
     async def op_vm_create(self, args: dict):

@@ -20,7 +20,7 @@ import time
 
 import structlog
 
-from memstore import PAGE_SIZE, Cmd, GuestRam, chunk_digests
+from memstore import PAGE_SIZE, Cmd, GuestRam
 from protocol import (
     Abort,
     Auth,
@@ -52,13 +52,13 @@ from protocol import (
     Capabilities,
 )
 
-from .errors import AdmissionRefused, AgentError, PeerLost
+from .errors import AdmissionRefused, AgentError, PeerError, PeerLost
 from .host import Host
 from .jobs import Job
 from .logs import get_logger
 from .peer import AUTH_FEATURE
 from .phases import MigrationPhase as P
-from .source import DIGEST_CHUNK_PAGES
+from .verify import DIGEST_CHUNK_PAGES, ReceiveDigests
 from .transport import FrameProtocol
 from .vm import Vm, VmRecord, check_workload
 
@@ -68,15 +68,20 @@ _ZERO = bytes(64 * PAGE_SIZE)
 REASON_CHARS = 1000
 
 
+class VerifyFailed(AgentError):
+    """The source found our memory differs from its frozen copy."""
+
+
 class DestinationMigration:
     def __init__(self, host: Host, conn: FrameProtocol) -> None:
         self.host = host
         self.conn = conn
         self.job: Job | None = None
         self.vm: Vm | None = None
-        self.owned = False          # True from Resume on: never discard after that
+        self.owned = False          # True from Resume on: discarded after that only on a digest mismatch
         self.slot = False
         self.reserved_name: str | None = None
+        self.digests: ReceiveDigests | None = None
 
     async def run(self) -> None:
         conn = self.conn
@@ -88,6 +93,9 @@ class DestinationMigration:
         except asyncio.CancelledError:
             await asyncio.shield(self._discard("cancelled (agent shutting down)", ErrorCode.CANCELLED))
             raise
+        except VerifyFailed as exc:
+            log.error("verify_failed_discarding", error=str(exc))
+            await self._discard(str(exc), ErrorCode.VERIFY_FAILED, verify_failed=True)
         except ProtocolError as exc:
             log.warning("peer_protocol_error", peer=conn.peer, error=str(exc), code=exc.code.name)
             await self._discard(str(exc), exc.code)
@@ -227,6 +235,7 @@ class DestinationMigration:
             job.stats.prefault_ms = (time.monotonic() - t0) * 1000.0
             job.stats.ram_bytes = p.memory_bytes
             job.stats.pages_total = ram.npages
+            self.digests = ReceiveDigests(ram.ram, DIGEST_CHUNK_PAGES)
             conn.payload_sink = self._sink
             await conn.send(Ready(migration_id=job.id, prefault_ms=int(job.stats.prefault_ms)))
             log.info("shell_ready", prefault_ms=round(job.stats.prefault_ms, 1), memory_bytes=p.memory_bytes)
@@ -236,16 +245,17 @@ class DestinationMigration:
             job.tracker.set_phase(expected=P.PRECOPY, new=P.STOP_AND_COPY)
             conn.payload_sink = None
             self.vm.ctl.load_vcpu_state(state.vcpu_state)
-            job.tracker.set_phase(expected=P.STOP_AND_COPY, new=P.VERIFY)
+            # Digests of what we hold now, before the guest can change it: only
+            # the chunks touched since the background worker last hashed them.
             t_v = time.monotonic()
-            digests = await asyncio.to_thread(chunk_digests, ram.ram, DIGEST_CHUNK_PAGES)
+            digests = await self.digests.finish()
+            self.digests.close()
             job.stats.verify_ms = (time.monotonic() - t_v) * 1000.0
-            await conn.send(Digests(chunk_pages=DIGEST_CHUNK_PAGES, digests=digests))
             await conn.expect(Resume, mcfg.io_timeout_s)
-            job.verified = True        # the source compared and said Resume
-            job.tracker.set_phase(expected=P.VERIFY, new=P.RESUME)
+            job.tracker.set_phase(expected=P.STOP_AND_COPY, new=P.RESUME)
 
-            # From here this host owns the VM.
+            # From here this host owns the VM, unless the source finds the digests
+            # differ and says so (Abort VERIFY_FAILED).
             self.owned = True
             rec.state = "running"
             host.registry.save(self.vm)
@@ -253,12 +263,19 @@ class DestinationMigration:
             writes = int(self.vm.ctl.writes)
             job.stats.writes_after_resume = writes
             await conn.send(Resumed(writes=writes))
-            job.tracker.set_phase(expected=P.RESUME, new=P.COMMIT)
+            job.tracker.set_phase(expected=P.RESUME, new=P.VERIFY)
+            await conn.send(Digests(chunk_pages=DIGEST_CHUNK_PAGES, digests=digests))
             try:
                 await conn.expect(Commit, mcfg.io_timeout_s)
+                job.verified = True        # the source compared and committed
                 await conn.send(Committed())
+            except PeerError as exc:
+                if exc.code == ErrorCode.VERIFY_FAILED:
+                    raise VerifyFailed(str(exc)) from exc
+                log.warning("commit_not_received", error=str(exc))
             except (AgentError, ProtocolError) as exc:
                 log.warning("commit_not_received", error=str(exc))
+            job.tracker.set_phase(expected=P.VERIFY, new=P.COMMIT)
             job.tracker.set_phase(expected=P.COMMIT, new=P.COMPLETED)
             job.finish()
             log.info("inbound_completed", writes=writes)
@@ -285,6 +302,7 @@ class DestinationMigration:
                 else:
                     st.pages_sent += msg.pages
                     st.bytes_sent += msg.payload_len
+                    self.digests.mark(msg.runs)
             elif isinstance(msg, RoundEnd):
                 st.rounds = msg.round
                 st.remaining_bytes = msg.dirty_pages * PAGE_SIZE
@@ -305,15 +323,19 @@ class DestinationMigration:
             for a in range(first, first + count, 64):
                 n = min(64, first + count - a)
                 ram.ram[a * PAGE_SIZE:(a + n) * PAGE_SIZE] = _ZERO[: n * PAGE_SIZE]
+            self.digests.mark(((first, count),))      # after the bytes changed
 
     # ---- failure -----------------------------------------------------------
-    async def _discard(self, reason: str, code: ErrorCode, reject: bool = False) -> None:
+    async def _discard(self, reason: str, code: ErrorCode, reject: bool = False,
+                       verify_failed: bool = False) -> None:
         job = self.job
-        if self.owned:
+        if self.digests is not None:
+            self.digests.close()
+        if self.owned and not verify_failed:
             # The guest already runs here; the source has committed or will learn it by query.
             log.warning("inbound_error_after_resume", error=reason)
-            if job is not None and job.phase is P.RESUME:
-                job.tracker.set_phase(expected=P.RESUME, new=P.COMMIT)
+            if job is not None and job.phase in (P.RESUME, P.VERIFY):
+                job.tracker.set_phase(expected=job.phase, new=P.COMMIT)
             if job is not None and job.phase is P.COMMIT:
                 job.tracker.set_phase(expected=P.COMMIT, new=P.COMPLETED)
             return

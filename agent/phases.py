@@ -5,8 +5,8 @@ only from the phase the caller expects, and only along ``TRANSITIONS``.
 Both drivers (source and destination) use the same vocabulary; the values
 are what logs, ``jobs --json`` and reports show.
 
-    queued -> negotiate -> setup -> precopy -> stop-and-copy -> verify
-           -> resume -> commit -> completed
+    queued -> negotiate -> setup -> precopy -> stop-and-copy -> resume
+           -> verify -> commit -> completed
     negotiate/setup -> queued   (destination busy: wait and retry)
     any non-final phase -> cancelling -> cancelled
     any non-final phase -> rolling-back -> failed
@@ -37,7 +37,7 @@ class MigrationPhase(enum.Enum):
 
 
 P = MigrationPhase
-_ACTIVE = (P.QUEUED, P.NEGOTIATE, P.SETUP, P.PRECOPY, P.STOP_AND_COPY, P.VERIFY, P.RESUME)
+_ACTIVE = (P.QUEUED, P.NEGOTIATE, P.SETUP, P.PRECOPY, P.STOP_AND_COPY, P.RESUME, P.VERIFY)
 _ABORT = frozenset({P.CANCELLING, P.ROLLING_BACK})
 
 TRANSITIONS: Final[Mapping[MigrationPhase, frozenset[MigrationPhase]]] = {
@@ -47,11 +47,12 @@ TRANSITIONS: Final[Mapping[MigrationPhase, frozenset[MigrationPhase]]] = {
     P.NEGOTIATE: frozenset({P.SETUP, P.QUEUED}) | _ABORT,
     P.SETUP: frozenset({P.PRECOPY, P.QUEUED}) | _ABORT,
     P.PRECOPY: frozenset({P.STOP_AND_COPY}) | _ABORT,
-    P.STOP_AND_COPY: frozenset({P.VERIFY}) | _ABORT,
-    P.VERIFY: frozenset({P.RESUME}) | _ABORT,
-    # Once the destination runs the guest, cancel is no longer possible;
-    # only a failure to confirm rolls back.
-    P.RESUME: frozenset({P.COMMIT, P.ROLLING_BACK}),
+    P.STOP_AND_COPY: frozenset({P.RESUME}) | _ABORT,
+    # Once Resume is sent, cancel is no longer possible: the destination may
+    # run the guest. A lost answer is resolved by query (-> commit unverified
+    # or roll back); a digest mismatch rolls back.
+    P.RESUME: frozenset({P.VERIFY, P.COMMIT, P.ROLLING_BACK}),
+    P.VERIFY: frozenset({P.COMMIT, P.ROLLING_BACK}),
     # Commit is the point of no return: the destination owns the VM.
     P.COMMIT: frozenset({P.COMPLETED}),
     P.CANCELLING: frozenset({P.CANCELLED}),

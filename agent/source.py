@@ -54,6 +54,7 @@ from .logs import get_logger
 from .peer import open_session
 from .phases import MigrationPhase as P
 from .stats import BandwidthMeter
+from .verify import DIGEST_CHUNK_PAGES
 from .vm import Vm
 
 log = get_logger("livemig.source")
@@ -61,7 +62,6 @@ log = get_logger("livemig.source")
 BATCH_PAGES = 256               # 1 MiB of payload per data batch
 BATCH_RUNS = 1024
 ZERO_BATCH_PAGES = 16384
-DIGEST_CHUNK_PAGES = 256
 YIELD_EVERY_BATCHES = 32        # let the loop serve control requests during a long pass
 
 
@@ -101,6 +101,7 @@ class SourceMigration:
         self.max_bandwidth_bps = bw * 2**20
         self.conn = None
         self.resume_sent = False
+        self.verify_failed = False
         # BUSY always waits for a slot; in a drain over several targets a full
         # or maintenance target is also a reason to try again (elsewhere).
         self.requeue_codes = {int(ErrorCode.BUSY)} | (
@@ -233,37 +234,40 @@ class SourceMigration:
                                       "workload": vm.record.workload})
         await conn.send(StateTransfer(vcpu_state=vm.ctl.vcpu_state(), device_state=device_state))
 
-        # ---- verify: frozen source vs what the destination holds
-        job.tracker.set_phase(expected=P.STOP_AND_COPY, new=P.VERIFY)
+        # ---- resume on the destination at once; verify while it runs
+        job.tracker.set_phase(expected=P.STOP_AND_COPY, new=P.RESUME)
+        self.resume_sent = True
+        await conn.send(Resume(migration_id=job.id))
         t_verify = time.monotonic()
         src_task = asyncio.create_task(
             asyncio.to_thread(chunk_digests, ram.ram, DIGEST_CHUNK_PAGES, ram.next_data_page))
         try:
+            resumed = await conn.expect(Resumed, mcfg.io_timeout_s)
+            st.downtime_ms = (time.monotonic() - self.t_pause) * 1000.0
+            st.writes_after_resume = resumed.writes
+            log.info("destination_resumed", downtime_ms=round(st.downtime_ms, 1), writes=resumed.writes)
+
+            # ---- verify: the frozen source against what the destination held at resume
+            job.tracker.set_phase(expected=P.RESUME, new=P.VERIFY)
             theirs = await conn.expect(Digests, mcfg.io_timeout_s)
         finally:
             ours = await src_task
+        st.verify_ms = (time.monotonic() - t_verify) * 1000.0
         if theirs.chunk_pages != DIGEST_CHUNK_PAGES or len(theirs.digests) != len(ours):
+            self.verify_failed = True
             raise MigrationAborted("verify", "destination digests do not cover the same memory")
         bad = diff_chunks(ours, theirs.digests)
-        st.verify_ms = (time.monotonic() - t_verify) * 1000.0
         if bad:
+            self.verify_failed = True
             log.error("verify_failed", chunks=len(bad), first_chunk=bad[0])
             raise MigrationAborted("verify", f"{len(bad)} memory chunk(s) differ (first at page {bad[0] * DIGEST_CHUNK_PAGES})")
         job.verified = True
         log.info("verified", chunks=len(ours) // 16, verify_ms=round(st.verify_ms, 1))
-
-        # ---- resume on the destination
-        job.tracker.set_phase(expected=P.VERIFY, new=P.RESUME)
-        self.resume_sent = True
-        await conn.send(Resume(migration_id=job.id))
-        resumed = await conn.expect(Resumed, mcfg.io_timeout_s)
-        st.downtime_ms = (time.monotonic() - self.t_pause) * 1000.0
-        st.writes_after_resume = resumed.writes
         await self._commit()
 
     async def _commit(self) -> None:
         job, vm, conn = self.job, self.vm, self.conn
-        job.tracker.set_phase(expected=P.RESUME, new=P.COMMIT)
+        job.tracker.set_phase(expected=(P.RESUME, P.VERIFY), new=P.COMMIT)
         if conn is not None:
             try:
                 await conn.send(Commit(migration_id=job.id))
@@ -412,18 +416,30 @@ class SourceMigration:
             finally:
                 job.tracker.set_phase(expected=P.COMMIT, new=P.COMPLETED)
             return
-        if self.resume_sent and phase is P.RESUME:
-            outcome = await self._resolve_in_doubt()
-            if outcome == "running":
-                # The destination runs the VM: the lost Resumed changes nothing.
-                log.info("in_doubt_resolved", outcome=outcome)
-                self.job.stats.downtime_ms = (time.monotonic() - self.t_pause) * 1000.0
-                self.conn = None
-                await self._commit()
-                return
+        if self.resume_sent and phase in (P.RESUME, P.VERIFY):
+            if self.verify_failed:
+                # Stop the destination's copy, and make sure it is gone before resuming here.
+                if self.conn is not None:
+                    await self.conn.abort(ErrorCode.VERIFY_FAILED, reason)
+                    await self.conn.wait_closed()
+                outcome = await self._resolve_in_doubt()
+                if outcome == "running":
+                    outcome = "unknown"
+                    reason = f"{reason}; the destination still runs its copy"
+            else:
+                # Resumed arrived (VERIFY): the destination runs the VM and keeps it.
+                # Lost before that (RESUME): ask it which way it went.
+                outcome = "running" if phase is P.VERIFY else await self._resolve_in_doubt()
+                if outcome == "running":
+                    log.warning("committed_unverified", error=reason)
+                    if not self.job.stats.downtime_ms:
+                        self.job.stats.downtime_ms = (time.monotonic() - self.t_pause) * 1000.0
+                    self.conn = None
+                    await self._commit()
+                    return
         job.error = reason
         log.warning("migration_rolling_back", phase=phase.value, error=reason)
-        if cancelled and phase is not P.RESUME:
+        if cancelled and phase not in (P.RESUME, P.VERIFY):
             job.tracker.set_phase(expected=phase, new=P.CANCELLING)
         else:
             job.tracker.set_phase(expected=phase, new=P.ROLLING_BACK)

@@ -32,11 +32,17 @@ The conversation (S = SOURCE, connects; D = DESTINATION, accepts)::
     IDLE       --S Prepare-->       PREPARING   --D Reject--> CLOSED
     PREPARING  --D Ready-->         TRANSFER
     TRANSFER   --S PageBatch | RoundEnd--> TRANSFER
-    TRANSFER   --S StateTransfer--> VERIFYING
-    VERIFYING  --D Digests-->       SWITCHOVER
+    TRANSFER   --S StateTransfer--> SWITCHOVER
     SWITCHOVER --S Resume-->        RESUMING
-    RESUMING   --D Resumed-->       COMMITTING
-    COMMITTING --S Commit-->        COMMIT_SENT
+    RESUMING   --D Resumed-->       VERIFYING
+    VERIFYING  --D Digests-->       COMMITTING
+    COMMITTING --S Commit-->        COMMIT_SENT      (or S Abort: verification failed)
+
+The destination resumes before verification ends: it hashes what it holds
+while it receives, answers Resumed, then sends its digests; the source
+hashes its frozen copy meanwhile and commits only if they match (DESIGN
+step 5: verification may finish after the destination resumes, as long as
+the source copy is kept until it passes).
     COMMIT_SENT --D Committed-->    CLOSED
     any state from AUTH to COMMIT_SENT --S or D Abort--> CLOSED
 """
@@ -90,13 +96,13 @@ class SessionState(enum.Enum):
     PREPARING = "preparing"
     #: SOURCE sends PageBatch/RoundEnd, then StateTransfer
     TRANSFER = "transfer"
-    #: StateTransfer sent; DESTINATION answers Digests
-    VERIFYING = "verifying"
-    #: Digests sent; SOURCE sends Resume
+    #: StateTransfer sent; SOURCE sends Resume
     SWITCHOVER = "switchover"
     #: Resume sent; DESTINATION answers Resumed
     RESUMING = "resuming"
-    #: Resumed sent; SOURCE sends Commit
+    #: Resumed sent; DESTINATION sends Digests
+    VERIFYING = "verifying"
+    #: Digests sent; SOURCE sends Commit (or Abort if they do not match)
     COMMITTING = "committing"
     #: Commit sent; DESTINATION answers Committed
     COMMIT_SENT = "commit-sent"
@@ -144,10 +150,10 @@ TRANSITIONS: Final[Mapping[tuple[Role, SessionState, MsgType], SessionState]] = 
     (_D, _St.PREPARING, _T.REJECT): _St.CLOSED,
     (_S, _St.TRANSFER, _T.PAGE_BATCH): _St.TRANSFER,
     (_S, _St.TRANSFER, _T.ROUND_END): _St.TRANSFER,
-    (_S, _St.TRANSFER, _T.STATE_TRANSFER): _St.VERIFYING,
-    (_D, _St.VERIFYING, _T.DIGESTS): _St.SWITCHOVER,
+    (_S, _St.TRANSFER, _T.STATE_TRANSFER): _St.SWITCHOVER,
     (_S, _St.SWITCHOVER, _T.RESUME): _St.RESUMING,
-    (_D, _St.RESUMING, _T.RESUMED): _St.COMMITTING,
+    (_D, _St.RESUMING, _T.RESUMED): _St.VERIFYING,
+    (_D, _St.VERIFYING, _T.DIGESTS): _St.COMMITTING,
     (_S, _St.COMMITTING, _T.COMMIT): _St.COMMIT_SENT,
     (_D, _St.COMMIT_SENT, _T.COMMITTED): _St.CLOSED,
     **{

@@ -85,7 +85,7 @@ SENDER = {
 
 _T = MsgType
 _HANDSHAKE = [_T.HELLO, _T.WELCOME]
-_MIGRATE = [*_HANDSHAKE, _T.PREPARE, _T.READY, _T.STATE_TRANSFER, _T.DIGESTS, _T.RESUME, _T.RESUMED, _T.COMMIT]
+_MIGRATE = [*_HANDSHAKE, _T.PREPARE, _T.READY, _T.STATE_TRANSFER, _T.RESUME, _T.RESUMED, _T.DIGESTS, _T.COMMIT]
 #: state -> (auth_required, message types leading there)
 PATHS = {
     St.HELLO: (False, []),
@@ -95,9 +95,9 @@ PATHS = {
     St.QUERYING: (False, [*_HANDSHAKE, _T.QUERY]),
     St.PREPARING: (False, _MIGRATE[:3]),
     St.TRANSFER: (False, _MIGRATE[:4]),
-    St.VERIFYING: (False, _MIGRATE[:5]),
-    St.SWITCHOVER: (False, _MIGRATE[:6]),
-    St.RESUMING: (False, _MIGRATE[:7]),
+    St.SWITCHOVER: (False, _MIGRATE[:5]),
+    St.RESUMING: (False, _MIGRATE[:6]),
+    St.VERIFYING: (False, _MIGRATE[:7]),
     St.COMMITTING: (False, _MIGRATE[:8]),
     St.COMMIT_SENT: (False, _MIGRATE),
     St.CLOSED: (False, [*_MIGRATE, _T.COMMITTED]),
@@ -158,10 +158,10 @@ def test_full_migration(examples, auth):
         zero = PageBatch(round=rnd, runs=((100, 50),), flags=BatchFlags.ZERO, payload_len=0)
         assert pair.send(S, zero) is St.TRANSFER
         assert pair.send(S, RoundEnd(round=rnd, pages_sent=53, dirty_pages=3 - rnd)) is St.TRANSFER
-    assert pair.send(S, examples[_T.STATE_TRANSFER]) is St.VERIFYING
-    assert pair.send(D, examples[_T.DIGESTS]) is St.SWITCHOVER
+    assert pair.send(S, examples[_T.STATE_TRANSFER]) is St.SWITCHOVER
     assert pair.send(S, examples[_T.RESUME]) is St.RESUMING
-    assert pair.send(D, examples[_T.RESUMED]) is St.COMMITTING
+    assert pair.send(D, examples[_T.RESUMED]) is St.VERIFYING
+    assert pair.send(D, examples[_T.DIGESTS]) is St.COMMITTING
     assert pair.send(S, examples[_T.COMMIT]) is St.COMMIT_SENT
     assert pair.send(D, examples[_T.COMMITTED]) is St.CLOSED
 
@@ -274,8 +274,9 @@ def test_abort_not_allowed(state, sender, examples):
         (St.IDLE, D, _T.READY),  # Ready without Prepare
         (St.PREPARING, S, _T.PAGE_BATCH),  # before Ready
         (St.TRANSFER, D, _T.PAGE_BATCH),  # wrong direction
-        (St.TRANSFER, S, _T.RESUME),  # skipping verification
-        (St.VERIFYING, S, _T.PAGE_BATCH),  # pages after StateTransfer
+        (St.TRANSFER, S, _T.RESUME),  # Resume before the vCPU state
+        (St.SWITCHOVER, S, _T.PAGE_BATCH),  # pages after StateTransfer
+        (St.VERIFYING, S, _T.COMMIT),  # commit before the digests
         (St.SWITCHOVER, S, _T.COMMIT),  # commit before resume
         (St.RESUMING, S, _T.COMMIT),  # commit before Resumed
         (St.COMMITTING, D, _T.COMMITTED),  # Committed before Commit
