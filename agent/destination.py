@@ -16,6 +16,7 @@ the restart (the guest is restarted from the shell's state) and answered
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import structlog
@@ -66,6 +67,9 @@ log = get_logger("livemig.destination")
 
 _ZERO = bytes(64 * PAGE_SIZE)
 REASON_CHARS = 1000
+# Fault injection for tests only (environment, never config): "corrupt-page"
+# flips a byte of page 0 after the last round, as a receive-path bug would.
+FAULT_INJECT = os.environ.get("LIVEMIG_FAULT_INJECT", "")
 
 
 class VerifyFailed(AgentError):
@@ -168,12 +172,12 @@ class DestinationMigration:
         return msg
 
     def _query(self, migration_id: str) -> str:
+        job = self.host.jobs.get(migration_id)
+        if job is not None and not job.done.is_set():
+            return "in-progress"            # still deciding (e.g. discarding after an Abort)
         for vm in self.host.registry:
             if vm.record.migration_id == migration_id and vm.record.state != "incoming":
                 return "running"
-        job = self.host.jobs.get(migration_id)
-        if job is not None and not job.done.is_set():
-            return "in-progress"
         if job is not None:
             return "discarded"
         return "unknown"
@@ -245,6 +249,9 @@ class DestinationMigration:
             job.tracker.set_phase(expected=P.PRECOPY, new=P.STOP_AND_COPY)
             conn.payload_sink = None
             self.vm.ctl.load_vcpu_state(state.vcpu_state)
+            if FAULT_INJECT == "corrupt-page":       # test hook: a page that arrived wrong
+                ram.ram[0] ^= 0xFF
+                self.digests.mark(((0, 1),))
             # Digests of what we hold now, before the guest can change it: only
             # the chunks touched since the background worker last hashed them.
             t_v = time.monotonic()
