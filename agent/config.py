@@ -74,12 +74,14 @@ class LimitsSection:
     max_storage_migrations: int = 2
     max_connections: int = 64            # concurrent migration-endpoint connections
     max_guest_memory_mib: int = 0        # guest RAM this host may hold in all; 0 = what psutil says is free
+    host_max_bandwidth_mibps: int = 0    # all outbound migrations of this host together; 0 = unlimited
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_live_migrations <= 1024, "limits.max_live_migrations: 1..1024")
         _check(1 <= self.max_storage_migrations <= 1024, "limits.max_storage_migrations: 1..1024")
         _check(1 <= self.max_connections <= 4096, "limits.max_connections: 1..4096")
         _check(self.max_guest_memory_mib >= 0, "limits.max_guest_memory_mib: >= 0")
+        _check(self.host_max_bandwidth_mibps >= 0, "limits.host_max_bandwidth_mibps: >= 0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ import time
 
 import psutil
 
-from memstore import GuestRam, parse_size
+from memstore import DirtyMap, GuestRam, parse_size
 
 from .config import AgentConfig, NAME_RE, parse_hostport
 from .control import ControlServer
@@ -27,6 +27,7 @@ from .endpoint import MigrationEndpoint
 from .errors import AgentError, VmError
 from .host import Host
 from .jobs import Job
+from .heat import HEAT_PERIOD_S
 from .logs import get_logger
 from .phases import MigrationPhase, is_cancellable
 from .registry import VmRegistry
@@ -78,7 +79,20 @@ class Agent:
         return addr
 
     async def serve(self) -> None:
-        await self.stop_event.wait()
+        heat = asyncio.get_running_loop().create_task(self._track_heat())
+        try:
+            await self.stop_event.wait()
+        finally:
+            heat.cancel()
+
+    async def _track_heat(self) -> None:
+        """Sample each idle VM's dirty map once per period (see heat.py)."""
+        while True:
+            await asyncio.sleep(HEAT_PERIOD_S)
+            for vm in self.host.registry:
+                # A migration owns the dirty map from the moment it is queued.
+                if vm.migrating is None and vm.record.state == "running" and not vm.ram.closed:
+                    vm.heat.update(DirtyMap(vm.ram.dirty).collect())
 
     def request_stop(self) -> None:
         self.stop_event.set()

@@ -59,7 +59,7 @@ from .jobs import Job
 from .logs import get_logger
 from .peer import AUTH_FEATURE
 from .phases import MigrationPhase as P
-from .verify import DIGEST_CHUNK_PAGES, ReceiveDigests
+from .verify import ReceiveDigests, digest_chunk_pages
 from .transport import FrameProtocol
 from .vm import Vm, VmRecord, check_workload
 
@@ -239,7 +239,7 @@ class DestinationMigration:
             job.stats.prefault_ms = (time.monotonic() - t0) * 1000.0
             job.stats.ram_bytes = p.memory_bytes
             job.stats.pages_total = ram.npages
-            self.digests = ReceiveDigests(ram.ram, DIGEST_CHUNK_PAGES)
+            self.digests = ReceiveDigests(ram.ram, digest_chunk_pages(ram.npages))
             conn.payload_sink = self._sink
             await conn.send(Ready(migration_id=job.id, prefault_ms=int(job.stats.prefault_ms)))
             log.info("shell_ready", prefault_ms=round(job.stats.prefault_ms, 1), memory_bytes=p.memory_bytes)
@@ -271,7 +271,7 @@ class DestinationMigration:
             job.stats.writes_after_resume = writes
             await conn.send(Resumed(writes=writes))
             job.tracker.set_phase(expected=P.RESUME, new=P.VERIFY)
-            await conn.send(Digests(chunk_pages=DIGEST_CHUNK_PAGES, digests=digests))
+            await conn.send(Digests(chunk_pages=self.digests.chunk_pages, digests=digests))
             try:
                 await conn.expect(Commit, mcfg.io_timeout_s)
                 job.verified = True        # the source compared and committed

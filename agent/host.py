@@ -11,7 +11,7 @@ from protocol import FEATURES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Capabilit
 from .config import AgentConfig
 from .jobs import JobTable
 from .registry import VmRegistry
-from .scheduler import LiveSlots, PairLimits
+from .scheduler import HostBandwidth, LiveSlots, PairLimits
 
 
 MEMORY_HEADROOM_BYTES = 256 * 2**20     # kept free for the host itself
@@ -31,6 +31,8 @@ class Host:
         if self.slots is None:
             self.slots = LiveSlots(self.cfg.limits.max_live_migrations)
         self.pairs = PairLimits(self.slots)
+        bw = self.cfg.limits.host_max_bandwidth_mibps
+        self.bandwidth = HostBandwidth(bw) if bw else None
         self.storage_limit = self.cfg.limits.max_storage_migrations
         self.guest_log_dir = os.path.join(self.cfg.agent.data_dir, "guests")
         os.makedirs(self.guest_log_dir, mode=0o700, exist_ok=True)

@@ -141,3 +141,27 @@ class PairLimits:
                 return
             self.in_flight[peer] = self.in_flight.get(peer, 0) + 1
             fut.set_result(None)
+
+
+class HostBandwidth:
+    """One rate cap shared by every outbound migration of the host.
+
+    Virtual-time pacing: each send books ``nbytes / rate`` seconds on a
+    shared clock and waits until its slot, allowing BURST_S of credit, so
+    concurrent migrations share the cap in proportion to what they send.
+    """
+
+    BURST_S = 0.01
+
+    def __init__(self, mibps: int) -> None:
+        self.rate_bps = mibps * 2**20
+        self._next = 0.0
+
+    async def consume(self, nbytes: int) -> None:
+        import time
+
+        now = time.monotonic()
+        self._next = max(self._next, now - self.BURST_S) + nbytes / self.rate_bps
+        delay = self._next - now
+        if delay > 0:
+            await asyncio.sleep(delay)

@@ -54,12 +54,13 @@ from .logs import get_logger
 from .peer import open_session
 from .phases import MigrationPhase as P
 from .stats import BandwidthMeter
-from .verify import DIGEST_CHUNK_PAGES
+from .verify import digest_chunk_pages
 from .vm import Vm
 
 log = get_logger("livemig.source")
 
-BATCH_PAGES = 256               # 1 MiB of payload per data batch
+BATCH_PAGES = 256               # 1 MiB of payload per batch of dirty pages
+FULL_PASS_PAGES = 1024          # 4 MiB per batch in round 1 (contiguous: fewer headers and syscalls)
 BATCH_RUNS = 1024
 ZERO_BATCH_PAGES = 16384
 YIELD_EVERY_BATCHES = 32        # let the loop serve control requests during a long pass
@@ -186,11 +187,11 @@ class SourceMigration:
         dirty = DirtyMap(ram.dirty)
         dirty.collect()                                 # start tracking: everything is sent below
         self._bw_t0 = time.monotonic()
+        self._thr_t, self._thr_writes, self._thr_bytes, self._thr_over = time.monotonic(), int(vm.ctl.writes), 0, 0
         t_round = time.monotonic()
         sent = await self._send_full_pass()
         await self._end_round(1, sent, dirty, t_round)
 
-        throttle_over = 0
         history: list[int] = [st.remaining_bytes]
         while True:
             decision = convergence.should_complete(convergence.RoundFacts(
@@ -206,15 +207,9 @@ class SourceMigration:
             runs = dirty.collect()
             st.dirty_syncs += 1
             sent = await self._send_runs(runs, st.rounds + 1)
-            dirtied_during = dirty.count() * PAGE_SIZE
             await self._end_round(st.rounds + 1, sent, dirty, t_round)
             history.append(st.remaining_bytes)
-            new_pct, throttle_over = convergence.next_throttle(
-                st.throttle_pct, dirtied_during, sent * PAGE_SIZE, throttle_over)
-            if new_pct != st.throttle_pct:
-                st.throttle_pct = new_pct
-                vm.ctl.throttle_pct = new_pct
-                log.info("auto_converge_throttle", throttle_pct=new_pct)
+            self._throttle_check(force=True)
 
         # ---- stop-and-copy: the guest is paused from here until the destination resumes
         job.tracker.set_phase(expected=P.PRECOPY, new=P.STOP_AND_COPY)
@@ -238,29 +233,32 @@ class SourceMigration:
         job.tracker.set_phase(expected=P.STOP_AND_COPY, new=P.RESUME)
         self.resume_sent = True
         await conn.send(Resume(migration_id=job.id))
-        t_verify = time.monotonic()
-        src_task = asyncio.create_task(
-            asyncio.to_thread(chunk_digests, ram.ram, DIGEST_CHUNK_PAGES, ram.next_data_page))
-        try:
-            resumed = await conn.expect(Resumed, mcfg.io_timeout_s)
-            st.downtime_ms = (time.monotonic() - self.t_pause) * 1000.0
-            st.writes_after_resume = resumed.writes
-            log.info("destination_resumed", downtime_ms=round(st.downtime_ms, 1), writes=resumed.writes)
+        resumed = await conn.expect(Resumed, mcfg.io_timeout_s)
+        st.downtime_ms = (time.monotonic() - self.t_pause) * 1000.0
+        st.writes_after_resume = resumed.writes
+        log.info("destination_resumed", downtime_ms=round(st.downtime_ms, 1), writes=resumed.writes)
 
-            # ---- verify: the frozen source against what the destination held at resume
-            job.tracker.set_phase(expected=P.RESUME, new=P.VERIFY)
+        # ---- verify: the frozen source against what the destination held at resume.
+        # Hashing starts only now: on a 2-core host it would slow the destination's
+        # last steps, which are downtime.
+        job.tracker.set_phase(expected=P.RESUME, new=P.VERIFY)
+        t_verify = time.monotonic()
+        chunk_pages = digest_chunk_pages(ram.npages)
+        src_task = asyncio.create_task(
+            asyncio.to_thread(chunk_digests, ram.ram, chunk_pages, ram.next_data_page))
+        try:
             theirs = await conn.expect(Digests, mcfg.io_timeout_s)
         finally:
             ours = await src_task
         st.verify_ms = (time.monotonic() - t_verify) * 1000.0
-        if theirs.chunk_pages != DIGEST_CHUNK_PAGES or len(theirs.digests) != len(ours):
+        if theirs.chunk_pages != chunk_pages or len(theirs.digests) != len(ours):
             self.verify_failed = True
             raise MigrationAborted("verify", "destination digests do not cover the same memory")
         bad = diff_chunks(ours, theirs.digests)
         if bad:
             self.verify_failed = True
             log.error("verify_failed", chunks=len(bad), first_chunk=bad[0])
-            raise MigrationAborted("verify", f"{len(bad)} memory chunk(s) differ (first at page {bad[0] * DIGEST_CHUNK_PAGES})")
+            raise MigrationAborted("verify", f"{len(bad)} memory chunk(s) differ (first at page {bad[0] * chunk_pages})")
         job.verified = True
         log.info("verified", chunks=len(ours) // 16, verify_ms=round(st.verify_ms, 1))
         await self._commit()
@@ -292,9 +290,10 @@ class SourceMigration:
 
     # ---- sending pages ---------------------------------------------------
     async def _send_full_pass(self) -> int:
-        """Round 1: every page. Holes of the segment (never written) are found
-        with SEEK_DATA and announced as zero without reading them; the rest is
-        scanned in 1 MiB chunks and zero granules are announced, not sent."""
+        """Round 1: every page, in 4 MiB chunks, coldest chunk first (heat.py).
+        A chunk that is a hole of the segment (never written) is found with
+        SEEK_DATA and announced as zero without being read; other chunks are
+        scanned and their zero granules announced, not sent."""
         ram = self.vm.ram
         npages = ram.npages
         zero: list[tuple[int, int]] = []
@@ -311,24 +310,27 @@ class SourceMigration:
             zero_pages += count
 
         st = self.job.stats
-        page = 0
-        while page < npages:
-            st.remaining_bytes = (npages - page) * PAGE_SIZE      # progress within round 1
-            data_at = ram.next_data_page(page)
-            if data_at > page:
-                add_zero(page, data_at - page)
-                page = data_at
-                continue
-            count = min(BATCH_PAGES, npages - page)
-            data_runs, zero_runs = split_zero(ram.ram, PageRun(page, count))
-            for r in zero_runs:
-                add_zero(r.first, r.count)
+        order = self.vm.heat.order() if self.vm.heat.samples else range(self.vm.heat.nchunks)
+        cp = self.vm.heat.chunk_pages
+        done = 0
+        for c in order:
+            first = c * cp
+            count = min(cp, npages - first)
+            st.remaining_bytes = (npages - done) * PAGE_SIZE      # progress within round 1
+            done += count
+            if ram.next_data_page(first) >= first + count:          # a hole: never written
+                add_zero(first, count)
+                data_runs = ()
+            else:
+                data_runs, zero_runs = split_zero(ram.ram, PageRun(first, count))
+                for r in zero_runs:
+                    add_zero(r.first, r.count)
             if zero_pages >= ZERO_BATCH_PAGES or len(zero) >= BATCH_RUNS:
                 await self._send_zero(zero, 1)
                 zero, zero_pages = [], 0
             if data_runs:
-                sent += await self._send_batch([(r.first, r.count) for r in data_runs], 1)
-            page += count
+                for chunk in batches(((r.first, r.count) for r in data_runs), FULL_PASS_PAGES, BATCH_RUNS):
+                    sent += await self._send_batch(chunk, 1)
             nb += 1
             if nb % YIELD_EVERY_BATCHES == 0:
                 await asyncio.sleep(0)
@@ -369,7 +371,32 @@ class SourceMigration:
         self.meter.add(nbytes)
         if self.max_bandwidth_bps:
             await self._rate_limit(nbytes)
+        if self.host.bandwidth is not None:
+            await self.host.bandwidth.consume(nbytes)
+        self._throttle_check()
         return pages
+
+    def _throttle_check(self, force: bool = False) -> None:
+        """Auto-converge, once per period (also inside a long round)."""
+        now = time.monotonic()
+        period = now - self._thr_t
+        if period < convergence.THROTTLE_PERIOD_S and not force:
+            return
+        if period <= 0.05:
+            return
+        ctl = self.vm.ctl
+        writes = int(ctl.writes)
+        dirty_bps = (writes - self._thr_writes) * PAGE_SIZE / period
+        bw = (self.meter.total - self._thr_bytes) / period
+        self._thr_t, self._thr_writes, self._thr_bytes = now, writes, self.meter.total
+        st = self.job.stats
+        st.dirty_rate_pps = dirty_bps / PAGE_SIZE
+        new_pct, self._thr_over = convergence.next_throttle(st.throttle_pct, dirty_bps, bw, self._thr_over)
+        if new_pct != st.throttle_pct:
+            st.throttle_pct = new_pct
+            ctl.throttle_pct = new_pct
+            log.info("auto_converge_throttle", throttle_pct=new_pct, dirty_mbps=round(dirty_bps * 8 / 1e6, 1),
+                     link_mbps=round(bw * 8 / 1e6, 1))
 
     async def _rate_limit(self, nbytes: int) -> None:
         self._bw_bytes += nbytes
@@ -389,7 +416,6 @@ class SourceMigration:
         if sent_pages * PAGE_SIZE >= 4 * 2**20 or st.bandwidth_bps == 0:
             st.bandwidth_bps = round_bps if sent_pages else self.meter.rate()
         st.remaining_bytes = dirty_pages * PAGE_SIZE
-        st.dirty_rate_pps = dirty_pages / elapsed
         st.expected_downtime_ms = convergence.expected_downtime_ms(st.remaining_bytes, st.bandwidth_bps)
         st.round_log.append({
             "round": round_no, "pages_sent": sent_pages, "dirty_pages": dirty_pages,

@@ -47,6 +47,8 @@ from .errors import PeerError, PeerLost
 INBOX_LIMIT = 256               # messages queued before reading pauses
 LINGER_S = 1.0                  # after answering a bad peer, drain its input this long before closing
 WRITE_HIGH_WATER = 8 * 1024 * 1024
+SCATTER_MIN_RUNS = 4            # batches of more runs than this, averaging at most
+SCATTER_AVG_BYTES = 64 * 1024   # ... this per run, are received through a bounce buffer
 
 PayloadSink = Callable[[PageBatch], Sequence[memoryview]]
 
@@ -77,6 +79,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._batch: PageBatch | None = None
         self._targets: Sequence[memoryview] = ()
         self._ti = 0
+        self._scatter: Sequence[memoryview] | None = None
+        self._bounce = bytearray(0)
 
     # ---- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -118,6 +122,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
                     self._ti += 1
                     self._got = 0
                     if self._ti == len(self._targets):
+                        if self._scatter is not None:
+                            src, off = self._targets[0], 0
+                            for t in self._scatter:
+                                n = len(t)
+                                t[:] = src[off:off + n]
+                                off += n
                         self._release_targets()
                         batch, self._batch = self._batch, None
                         self._stage = 0
@@ -138,6 +148,13 @@ class FrameProtocol(asyncio.BufferedProtocol):
             targets = self.payload_sink(msg)
             if sum(len(t) for t in targets) != msg.payload_len:
                 raise RemoteProtocolError("payload does not match its runs", ErrorCode.MALFORMED)
+            if len(targets) > SCATTER_MIN_RUNS and msg.payload_len <= SCATTER_AVG_BYTES * len(targets):
+                # Many small runs: one recv into a bounce buffer, then scatter with
+                # memcpy, instead of one recv_into syscall per 4 KiB run.
+                if len(self._bounce) < msg.payload_len:
+                    self._bounce = bytearray(msg.payload_len)
+                self._scatter = targets
+                targets = [memoryview(self._bounce)[:msg.payload_len]]
             self._targets, self._ti, self._batch = targets, 0, msg
             self._stage = 2
             return
@@ -147,6 +164,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
         for t in self._targets:
             t.release()
         self._targets = ()
+        if self._scatter is not None:
+            for t in self._scatter:
+                t.release()
+            self._scatter = None
 
     def _deliver(self, msg: Message) -> None:
         if isinstance(msg, Abort) and self.failure is None:
@@ -206,10 +227,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
     async def send(self, msg: Message, payload: Sequence[memoryview] = (), *, timeout_s: float = 30.0) -> None:
         self.check()
         data = self.session.send(msg)
-        tr = self.transport
-        tr.write(data)
-        for view in payload:
-            tr.write(view)
+        if payload:
+            self.transport.writelines([data, *payload])     # one writev, pages not copied
+        else:
+            self.transport.write(data)
         if not self._write_ok.is_set():
             await self.drain(timeout_s)
 

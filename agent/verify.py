@@ -1,7 +1,7 @@
 """Verification without hashing all guest memory inside the pause.
 
 The destination keeps xxh3-128 digests of its memory in chunks of
-``DIGEST_CHUNK_PAGES`` pages, computed *while pages arrive*: every batch
+``digest_chunk_pages(npages)`` pages, computed *while pages arrive*: every batch
 that lands (or zero run that is cleared) bumps the generation of the chunks
 it touched, and a single worker thread hashes touched chunks in the
 background (xxhash releases the GIL). A chunk hashed at generation g is
@@ -26,8 +26,21 @@ import xxhash
 
 from memstore import PAGE_SIZE
 
-DIGEST_CHUNK_PAGES = 256
+DIGEST_CHUNK_PAGES = 256      # default for callers that do not size it
+MIN_CHUNK_PAGES = 4
+MAX_DIGEST_LIST_BYTES = 2 * 2**20
 _DIGEST = 16
+
+
+def digest_chunk_pages(npages: int) -> int:
+    """Chunk size for a VM: as small as possible (less to rehash at the pause:
+    the last round's scattered pages each dirty one chunk) while the digest
+    list stays within MAX_DIGEST_LIST_BYTES (one Digests frame). 1 GiB -> 4
+    pages (16 KiB chunks, 1 MiB of digests); 8 GiB -> 8 pages."""
+    cp = MIN_CHUNK_PAGES
+    while (npages + cp - 1) // cp * _DIGEST > MAX_DIGEST_LIST_BYTES:
+        cp *= 2
+    return cp
 
 
 class ReceiveDigests:

@@ -20,6 +20,7 @@ import psutil
 from memstore import Cmd, GuestRam, GuestState, is_guest_process, launch_guest, parse_workload
 
 from .errors import VmError
+from .heat import ChunkHeat
 
 ACK_POLL_S = 0.001
 
@@ -45,6 +46,7 @@ class Vm:
         self.ram = ram
         self.proc = proc
         self.migrating: str | None = None      # job id while a migration owns the VM
+        self.heat = ChunkHeat(ram.npages)      # write frequency, for a cold-first full pass
 
     # ---- construction ------------------------------------------------------
     @classmethod

@@ -3,6 +3,7 @@ import pytest
 from agent.convergence import (
     THROTTLE_INITIAL_PCT,
     THROTTLE_MAX_PCT,
+    TRIGGER_PERIODS,
     Decision,
     RoundFacts,
     expected_downtime_ms,
@@ -44,17 +45,17 @@ def test_threshold_and_expected_downtime():
 
 
 @pytest.mark.parametrize(
-    "pct, dirtied, sent, over, expected",
+    "pct, dirty_bps, bw_bps, over, expected",
     [
         (0, 10, 100, 0, (0, 0)),                    # guest dirties little: no throttle, counter resets
-        (0, 60, 100, 0, (0, 1)),                    # first round over the trigger: count it
-        (0, 60, 100, 1, (THROTTLE_INITIAL_PCT, 0)),  # second in a row: start at 20 %
-        (20, 60, 100, 1, (30, 0)),                  # then +10 %
-        (95, 60, 100, 1, (THROTTLE_MAX_PCT, 0)),    # capped
-        (99, 60, 100, 1, (99, 0)),
-        (30, 60, 0, 1, (30, 0)),                    # nothing transferred: no information
-        (30, 50, 100, 1, (30, 0)),                  # exactly half is not over
+        (0, 60, 100, 0, (THROTTLE_INITIAL_PCT, 0)),  # over the ratio: start at 20 %
+        (20, 60, 100, 0, (30, 0)),                  # then +10 %
+        (95, 60, 100, 0, (THROTTLE_MAX_PCT, 0)),    # capped
+        (99, 400, 100, 0, (99, 0)),
+        (30, 60, 0, 0, (30, 0)),                    # nothing measured: no information
+        (30, 50, 100, 0, (30, 0)),                  # exactly half is not over
     ],
 )
-def test_next_throttle_table(pct, dirtied, sent, over, expected):
-    assert next_throttle(pct, dirtied, sent, over) == expected
+def test_next_throttle_table(pct, dirty_bps, bw_bps, over, expected):
+    assert TRIGGER_PERIODS == 1
+    assert next_throttle(pct, dirty_bps, bw_bps, over) == expected
