@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test venv clean
+.PHONY: demo test bench venv clean testbed testbed-down
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/livemig bench $(BENCH_ARGS)
+
+# Three hosts in network namespaces, 1 Gbit/s links (root; see deploy/testbed.sh).
+testbed: $(STAMP)
+	deploy/testbed.sh up 3 --rate 1gbit
+
+testbed-down:
+	deploy/testbed.sh down
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

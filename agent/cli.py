@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--downtime-ms", type=int)
     a.add_argument("--log-format", choices=("auto", "json", "console"))
     a.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    a.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
     a.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config key")
 
     vm = sub.add_parser("vm", help="manage VMs").add_subparsers(dest="vmcmd", required=True)
@@ -153,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("id")
     r.add_argument("--wait", action="store_true")
     r.add_argument("--json", action="store_true")
+    rp = sub.add_parser("report", help="one migration's report, or a picture of it (--svg)")
+    rp.add_argument("id")
+    rp.add_argument("--svg", metavar="FILE", help="write an SVG: rounds, dirty pages, bandwidth, the pause")
+    rp.add_argument("--json", action="store_true")
+    bn = sub.add_parser("bench", help="the benchmark: real agents, side by side with raw TCP")
+    bn.add_argument("args", nargs=argparse.REMAINDER, help="--quick, --json, --out DIR, --only A,B, --runs N")
     k = sub.add_parser("cancel", help="cancel a migration before commit")
     k.add_argument("id")
     k.add_argument("--json", action="store_true")
@@ -195,7 +202,7 @@ def _run_agent(ns) -> int:
         runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
         runner = asyncio.run
-    return runner(run_agent(cfg))
+    return runner(run_agent(cfg, metrics=ns.metrics))
 
 
 def _client(ns):
@@ -221,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         if ns.cmd == "demo":
             from .demo import run_demo
             return run_demo()
+        if ns.cmd == "bench":
+            from .bench import main as bench_main
+            return bench_main(ns.args)
         cl = _client(ns)
         if ns.cmd == "vm":
             if ns.vmcmd == "create":
@@ -277,6 +287,15 @@ def main(argv: list[str] | None = None) -> int:
         if ns.cmd == "job":
             r = cl.call("job.wait" if ns.wait else "job.show", timeout_s=None if ns.wait else 30.0, id=ns.id)
             _out(ns, r, format_report(r))
+            return EXIT_OK
+        if ns.cmd == "report":
+            r = cl.call("job.show", id=ns.id)
+            if ns.svg:
+                from .svgreport import write_svg
+                write_svg(r, ns.svg)
+                _out(ns, {"svg": ns.svg, "id": r["id"]}, f"wrote {ns.svg}")
+            else:
+                _out(ns, r, format_report(r))
             return EXIT_OK
         if ns.cmd == "cancel":
             r = cl.call("cancel", timeout_s=None, id=ns.id)

@@ -21,6 +21,7 @@ import psutil
 
 from memstore import DirtyMap, GuestRam, parse_size
 
+from . import sdnotify
 from .config import AgentConfig, NAME_RE, parse_hostport
 from .control import ControlServer
 from .endpoint import MigrationEndpoint
@@ -29,6 +30,7 @@ from .host import Host
 from .jobs import Job
 from .heat import HEAT_PERIOD_S
 from .logs import get_logger
+from .metrics import AgentMetrics, MetricsServer, host_gauges
 from .phases import MigrationPhase, is_cancellable
 from .registry import VmRegistry
 from .outbound import run_outbound
@@ -346,8 +348,28 @@ class Agent:
         raise AgentError(f"unknown or read-only setting {key!r}")
 
 
-async def run_agent(cfg: AgentConfig, grace_s: float = 10.0) -> int:
+class _JobMetrics:
+    """Feeds every job's start and end, both directions, to the metrics."""
+
+    def __init__(self, metrics: AgentMetrics) -> None:
+        self.metrics = metrics
+
+    def job_started(self, job: Job) -> None:
+        self.metrics.migration_started(job.direction)
+
+    def job_finished(self, job: Job) -> None:
+        r = job.report()
+        self.metrics.migration_finished(job.direction, r["status"], r)
+
+
+async def run_agent(cfg: AgentConfig, grace_s: float = 10.0, metrics: str | None = None) -> int:
     agent = Agent(cfg)
+    agent.metrics = AgentMetrics(gauges=lambda: host_gauges(agent.host))
+    agent.host.jobs.observers.append(_JobMetrics(agent.metrics))
+    metrics_server = None
+    if metrics:
+        mhost, mport = parse_hostport(metrics)
+        metrics_server = MetricsServer(agent.metrics, mhost, mport)
     loop = asyncio.get_running_loop()
     signals = 0
 
@@ -365,10 +387,23 @@ async def run_agent(cfg: AgentConfig, grace_s: float = 10.0) -> int:
         loop.add_signal_handler(sig, on_signal)
     try:
         await agent.start()
+        if metrics_server is not None:
+            maddr = await metrics_server.start()
+            log.info("metrics_listening", address=f"{maddr[0]}:{maddr[1]}")
     except (AgentError, OSError) as exc:
         log.error("start_failed", error=str(exc))
         await agent.control.close()
         return 1
+    # systemd (Type=notify): ready only once both endpoints accept connections.
+    sdnotify.ready()
+    sdnotify.status(f"{agent.host.name}: migration {agent.host.listen_addr}, control {cfg.agent.control}")
+    interval = sdnotify.watchdog_interval_s()
+    watchdog = asyncio.create_task(sdnotify.watchdog_loop(interval)) if interval else None
     await agent.serve()
+    sdnotify.stopping()
     await agent.shutdown(grace_s)
+    if watchdog is not None:
+        watchdog.cancel()
+    if metrics_server is not None:
+        await metrics_server.close()
     return 0

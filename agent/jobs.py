@@ -33,6 +33,7 @@ class Job:
         self.done = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.tracker = PhaseTracker(MigrationPhase.QUEUED)
+        self.on_finish = None          # set by JobTable: observers (metrics) learn of the end
 
     @property
     def phase(self) -> MigrationPhase:
@@ -41,6 +42,8 @@ class Job:
     def finish(self) -> None:
         self.finished_at = time.time()
         self.done.set()
+        if self.on_finish is not None:
+            self.on_finish(self)
 
     def summary(self) -> dict:
         s = self.stats
@@ -113,11 +116,21 @@ class Job:
 
 
 class JobTable:
+    """This host's jobs; ``observers`` get ``job_started(job)`` and ``job_finished(job)``."""
+
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
+        self.observers: list = []
+
+    def _finished(self, job: Job) -> None:
+        for o in self.observers:
+            o.job_finished(job)
 
     def add(self, job: Job) -> Job:
         self._jobs[job.id] = job
+        job.on_finish = self._finished
+        for o in self.observers:
+            o.job_started(job)
         finished = [j for j in self._jobs.values() if j.done.is_set()]
         for j in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
             del self._jobs[j.id]

@@ -1,0 +1,77 @@
+"""deploy/agent.toml documents every config key; it and deploy/agent-compose.toml load as they are."""
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from agent import config as cfgmod
+from agent.config import AgentConfig, load_config
+
+pytestmark = pytest.mark.timeout(30)
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "deploy" / "agent.toml"
+COMPOSE_CFG = ROOT / "deploy" / "agent-compose.toml"
+# Keys the example sets to a deployment value instead of the built-in default.
+NOT_DEFAULT = {"agent.name", "agent.listen", "agent.control"}
+
+
+def sections() -> dict[str, type]:
+    return {f.name: type(getattr(AgentConfig(), f.name)) for f in dataclasses.fields(AgentConfig)}
+
+
+def test_example_loads():
+    cfg = load_config(EXAMPLE)
+    assert cfg.agent.listen.endswith(":7700")
+    assert cfg.agent.control == "/run/livemig/agent.sock"
+
+
+def test_every_key_is_present_and_documented():
+    text = EXAMPLE.read_text()
+    with open(EXAMPLE, "rb") as f:
+        doc = tomllib.load(f)
+    assert set(doc) == set(sections()), "one table per config section, no others ([metrics] is a flag)"
+    lines = text.splitlines()
+    for sec, cls in sections().items():
+        fields = [f.name for f in dataclasses.fields(cls)]
+        assert sorted(doc[sec]) == sorted(fields), f"[{sec}]: file has {sorted(doc[sec])}, config has {fields}"
+        start = lines.index(f"[{sec}]")
+        for key in fields:
+            i = next(i for i in range(start, len(lines)) if re.match(rf"{key}\s*=", lines[i]))
+            assert lines[i - 1].startswith("#"), f"{sec}.{key} has no comment right above it"
+
+
+def test_values_are_the_defaults_unless_deployment_specific():
+    cfg = load_config(EXAMPLE)
+    default = AgentConfig()
+    for sec in sections():
+        for f in dataclasses.fields(type(getattr(default, sec))):
+            key = f"{sec}.{f.name}"
+            if key in NOT_DEFAULT:
+                continue
+            assert getattr(getattr(cfg, sec), f.name) == getattr(getattr(default, sec), f.name), (
+                f"{key}: the example must show the default (or list it in NOT_DEFAULT with a comment)")
+
+
+def test_metrics_is_a_flag_not_a_section():
+    text = EXAMPLE.read_text()
+    assert "--metrics" in text
+    assert not re.search(r"^\[metrics\]", text, re.M)
+
+
+def test_a_typo_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(EXAMPLE.read_text().replace("max_rounds = 10", "max_round = 10"))
+    with pytest.raises(cfgmod.ConfigError, match="max_round; did you mean migration.max_rounds"):
+        load_config(bad)
+
+
+def test_compose_config_loads():
+    cfg = load_config(COMPOSE_CFG, {"agent.name": "a", "agent.listen": "198.18.1.11:7700",
+                                    "agent.control": "/run/livemig/a.sock"})
+    assert cfg.log.format == "json"
+    assert cfg.agent.data_dir == "/var/lib/livemig"
