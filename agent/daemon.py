@@ -68,6 +68,7 @@ class Agent:
         self.stop_event = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
         self.started_at = time.time()
+        self.metrics_addr: str | None = None
 
     # ---- lifecycle -------------------------------------------------------
     async def start(self) -> tuple[str, int]:
@@ -154,6 +155,7 @@ class Agent:
             "agent": h.name,
             "pid": os.getpid(),
             "listen": h.listen_addr,
+            "metrics": self.metrics_addr,
             "control": self.cfg.agent.control,
             "vms": len(h.registry),
             "max_live_migrations": h.slots.limit,
@@ -389,7 +391,8 @@ async def run_agent(cfg: AgentConfig, grace_s: float = 10.0, metrics: str | None
         await agent.start()
         if metrics_server is not None:
             maddr = await metrics_server.start()
-            log.info("metrics_listening", address=f"{maddr[0]}:{maddr[1]}")
+            agent.metrics_addr = f"{maddr[0]}:{maddr[1]}"
+            log.info("metrics_listening", address=agent.metrics_addr)
     except (AgentError, OSError) as exc:
         log.error("start_failed", error=str(exc))
         await agent.control.close()
