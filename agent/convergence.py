@@ -22,6 +22,8 @@ DIRTY_RATIO_TRIGGER = 0.5      # dirty rate / link rate over a period
 THROTTLE_PERIOD_S = 1.0        # how often the throttle is reconsidered (also inside a long round)
 TRIGGER_PERIODS = 1            # ... periods over the ratio in a row before a step
 STALL_ROUNDS = 3               # dirty set not shrinking for this many rounds
+SMALL_REMAINDER_BYTES = 1 << 20   # below this the pause is ~1 ms: switch over
+SHRINK_FACTOR = 2              # "pays": the last round at least halved the dirty set
 
 
 class Decision(enum.Enum):
@@ -39,7 +41,8 @@ class RoundFacts:
     downtime_target_ms: int
     max_rounds: int
     throttle_pct: int = 0
-    remaining_history: tuple[int, ...] = ()   # remaining_bytes after each earlier round, oldest first
+    remaining_history: tuple[int, ...] = ()   # remaining_bytes before this round's, oldest first
+                                              # (round 1's "before" is all of RAM)
 
 
 def threshold_bytes(bandwidth_bps: float, downtime_target_ms: int) -> int:
@@ -54,7 +57,21 @@ def expected_downtime_ms(remaining_bytes: int, bandwidth_bps: float) -> float:
 
 
 def should_complete(f: RoundFacts) -> Decision:
+    """Switch over now, or run another round?
+
+    Fits the downtime target: switch over, unless one more round is cheap
+    and pays: the rest is above SMALL_REMAINDER_BYTES and the last round at
+    least halved the dirty set (a hot set at 20,000 pages/s leaves ~6,000
+    pages after a 1 GiB first pass; one more round of ~10 ms leaves ~200, and
+    the pause shrinks from ~16 ms of sending to ~1 ms). A set that stopped
+    shrinking switches over at once, so this never adds more than a few
+    short rounds (and never past max_rounds).
+    """
     if f.remaining_bytes <= threshold_bytes(f.bandwidth_bps, f.downtime_target_ms):
+        previous = f.remaining_history[-1] if f.remaining_history else None
+        shrinking = previous is not None and f.remaining_bytes * SHRINK_FACTOR <= previous
+        if f.remaining_bytes > SMALL_REMAINDER_BYTES and shrinking and f.round < f.max_rounds:
+            return Decision.ITERATE
         return Decision.COMPLETE
     if f.round >= f.max_rounds:
         return Decision.COMPLETE_MAX_ROUNDS

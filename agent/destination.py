@@ -241,6 +241,7 @@ class DestinationMigration:
             job.stats.pages_total = ram.npages
             self.digests = ReceiveDigests(ram.ram, digest_chunk_pages(ram.npages))
             conn.payload_sink = self._sink
+            conn.ack_rounds = True
             await conn.send(Ready(migration_id=job.id, prefault_ms=int(job.stats.prefault_ms)))
             log.info("shell_ready", prefault_ms=round(job.stats.prefault_ms, 1), memory_bytes=p.memory_bytes)
             job.tracker.set_phase(expected=P.SETUP, new=P.PRECOPY)

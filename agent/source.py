@@ -42,6 +42,7 @@ from protocol import (
     Ready,
     Resume,
     Resumed,
+    RoundAck,
     RoundEnd,
     StateTransfer,
 )
@@ -192,7 +193,7 @@ class SourceMigration:
         sent = await self._send_full_pass()
         await self._end_round(1, sent, dirty, t_round)
 
-        history: list[int] = [st.remaining_bytes]
+        history: list[int] = [vm.record.memory_bytes, st.remaining_bytes]
         while True:
             decision = convergence.should_complete(convergence.RoundFacts(
                 round=st.rounds, remaining_bytes=st.remaining_bytes,
@@ -202,6 +203,9 @@ class SourceMigration:
             ))
             if decision is not convergence.Decision.ITERATE:
                 st.convergence = decision.value
+                # Let the destination catch up before the pause: its backlog
+                # (socket buffers, our write buffer) would otherwise be downtime.
+                await self._wait_round_ack(st.rounds)
                 break
             t_round = time.monotonic()
             runs = dirty.collect()
@@ -404,6 +408,14 @@ class SourceMigration:
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+
+    async def _wait_round_ack(self, round_no: int) -> None:
+        t0 = time.monotonic()
+        while True:
+            ack = await self.conn.expect(RoundAck, self.host.cfg.migration.io_timeout_s)
+            if ack.round >= round_no:
+                break
+        log.info("round_acked", round=round_no, wait_ms=round((time.monotonic() - t0) * 1000.0, 1))
 
     async def _end_round(self, round_no: int, sent_pages: int, dirty: DirtyMap, t_start: float) -> None:
         st = self.job.stats

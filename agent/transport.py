@@ -37,6 +37,8 @@ from protocol import (
     ProtocolError,
     Reject,
     RemoteProtocolError,
+    RoundAck,
+    RoundEnd,
     decode_body,
     encode_frame,
     parse_prefix,
@@ -58,6 +60,7 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.session = session
         self.transport: asyncio.Transport | None = None
         self.payload_sink: PayloadSink | None = None
+        self.ack_rounds = False          # destination: answer each RoundEnd with a RoundAck
         self.failure: BaseException | None = None
         self.peer: str = "?"
         self.bytes_received = 0
@@ -170,6 +173,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._scatter = None
 
     def _deliver(self, msg: Message) -> None:
+        if self.ack_rounds and isinstance(msg, RoundEnd) and self.transport is not None:
+            # Acknowledged here, in stream order: every payload before this
+            # RoundEnd is already in guest memory (payloads complete before the
+            # next frame is parsed), and the session is still in TRANSFER.
+            self.transport.write(self.session.send(RoundAck(round=msg.round)))
         if isinstance(msg, Abort) and self.failure is None:
             self.failure = PeerError(f"peer aborted: {msg.reason}", int(msg.code))
         self._inbox.append(msg)
@@ -265,6 +273,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     async def expect(self, cls: type, timeout_s: float = 30.0):
         msg = await self.recv(timeout_s)
+        while isinstance(msg, RoundAck) and cls is not RoundAck:
+            msg = await self.recv(timeout_s)      # late acks of rounds nobody waits for
         if isinstance(msg, Reject) and cls is not Reject:
             raise PeerError(f"{self.peer} refused: {msg.reason}", int(msg.code))
         if not isinstance(msg, cls):  # the session already checked the order; this is a driver bug guard

@@ -27,7 +27,7 @@ import xxhash
 from memstore import PAGE_SIZE
 
 DIGEST_CHUNK_PAGES = 256      # default for callers that do not size it
-MIN_CHUNK_PAGES = 4
+MIN_CHUNK_PAGES = 16
 MAX_DIGEST_LIST_BYTES = 2 * 2**20
 _DIGEST = 16
 
@@ -36,7 +36,7 @@ def digest_chunk_pages(npages: int) -> int:
     """Chunk size for a VM: as small as possible (less to rehash at the pause:
     the last round's scattered pages each dirty one chunk) while the digest
     list stays within MAX_DIGEST_LIST_BYTES (one Digests frame). 1 GiB -> 4
-    pages (16 KiB chunks, 1 MiB of digests); 8 GiB -> 8 pages."""
+    pages... see MIN_CHUNK_PAGES."""
     cp = MIN_CHUNK_PAGES
     while (npages + cp - 1) // cp * _DIGEST > MAX_DIGEST_LIST_BYTES:
         cp *= 2

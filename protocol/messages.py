@@ -69,6 +69,7 @@ __all__ = [
     "Query",
     "QueryResult",
     "Abort",
+    "RoundAck",
     "REGISTRY",
     "MAX_BLOB_BYTES",
     "WELCOME_STATUSES",
@@ -554,6 +555,18 @@ class Abort(Message):
     TYPE: ClassVar[MsgType] = MsgType.ABORT
     code: ErrorCode
     reason: str
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoundAck(Message):
+    """DESTINATION -> SOURCE during the transfer: every page of ``round``
+    (up to its RoundEnd) is in guest memory. The source waits for it before
+    pausing the guest, so the destination's backlog is not downtime (cf.
+    multifd's end-of-round sync)."""
+
+    TYPE: ClassVar[MsgType] = MsgType.ROUND_ACK
+    round: int
 
 
 _missing = set(MsgType) - REGISTRY.keys()

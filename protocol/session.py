@@ -32,6 +32,8 @@ The conversation (S = SOURCE, connects; D = DESTINATION, accepts)::
     IDLE       --S Prepare-->       PREPARING   --D Reject--> CLOSED
     PREPARING  --D Ready-->         TRANSFER
     TRANSFER   --S PageBatch | RoundEnd--> TRANSFER
+    TRANSFER   --D RoundAck-->      TRANSFER      (the round's pages are in memory;
+                                                   also seen late in SWITCHOVER/RESUMING)
     TRANSFER   --S StateTransfer--> SWITCHOVER
     SWITCHOVER --S Resume-->        RESUMING
     RESUMING   --D Resumed-->       VERIFYING
@@ -150,6 +152,11 @@ TRANSITIONS: Final[Mapping[tuple[Role, SessionState, MsgType], SessionState]] = 
     (_D, _St.PREPARING, _T.REJECT): _St.CLOSED,
     (_S, _St.TRANSFER, _T.PAGE_BATCH): _St.TRANSFER,
     (_S, _St.TRANSFER, _T.ROUND_END): _St.TRANSFER,
+    (_D, _St.TRANSFER, _T.ROUND_ACK): _St.TRANSFER,
+    # The destination acks in TRANSFER, but the source may already have sent
+    # StateTransfer/Resume when the ack of its last round arrives.
+    (_D, _St.SWITCHOVER, _T.ROUND_ACK): _St.SWITCHOVER,
+    (_D, _St.RESUMING, _T.ROUND_ACK): _St.RESUMING,
     (_S, _St.TRANSFER, _T.STATE_TRANSFER): _St.SWITCHOVER,
     (_S, _St.SWITCHOVER, _T.RESUME): _St.RESUMING,
     (_D, _St.RESUMING, _T.RESUMED): _St.VERIFYING,

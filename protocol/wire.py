@@ -93,6 +93,7 @@ class MsgType(enum.IntEnum):
     QUERY = 15
     QUERY_RESULT = 16
     ABORT = 17
+    ROUND_ACK = 18
 
 
 class ErrorCode(enum.IntEnum):

@@ -43,6 +43,7 @@ from protocol import (
     Resume,
     Resumed,
     Role,
+    RoundAck,
     RoundEnd,
     SessionState,
     StateTransfer,
@@ -135,6 +136,7 @@ STRATEGIES: dict[MsgType, st.SearchStrategy[Message]] = {
     MsgType.QUERY: st.builds(Query, migration_id=ids),
     MsgType.QUERY_RESULT: st.builds(QueryResult, migration_id=ids, state=text),
     MsgType.ABORT: st.builds(Abort, code=codes, reason=text),
+    MsgType.ROUND_ACK: st.builds(RoundAck, round=ints),
 }
 messages = st.one_of(*STRATEGIES.values())
 
@@ -323,6 +325,7 @@ CANONICAL: dict[MsgType, Message] = {
     MsgType.QUERY: Query(migration_id=MID),
     MsgType.QUERY_RESULT: QueryResult(migration_id=MID, state="completed"),
     MsgType.ABORT: Abort(code=ErrorCode.CANCELLED, reason="x"),
+    MsgType.ROUND_ACK: RoundAck(round=1),
 }
 SAME_ID = {MsgType.READY, MsgType.RESUME, MsgType.COMMIT, MsgType.QUERY_RESULT}
 

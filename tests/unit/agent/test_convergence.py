@@ -21,6 +21,11 @@ MiB = 2**20
     [
         (0, 1 * GiB, 300, 1, 10, 0, (), Decision.COMPLETE),
         (100 * MiB, 1 * GiB, 300, 1, 10, 0, (), Decision.COMPLETE),          # 100 MiB < 307 MiB
+        # fits, but one more round is cheap and pays: the set halved and is above 1 MiB
+        (24 * MiB, 3 * GiB, 300, 1, 10, 0, (1 * GiB,), Decision.ITERATE),
+        (int(0.8 * MiB), 3 * GiB, 300, 2, 10, 0, (1 * GiB, 24 * MiB), Decision.COMPLETE),   # small: go
+        (20 * MiB, 3 * GiB, 300, 3, 10, 0, (1 * GiB, 24 * MiB), Decision.COMPLETE),   # not halving: go
+        (24 * MiB, 3 * GiB, 300, 10, 10, 0, (1 * GiB, 100 * MiB), Decision.COMPLETE),  # no rounds left
         (400 * MiB, 1 * GiB, 300, 1, 10, 0, (), Decision.ITERATE),
         (400 * MiB, 1 * GiB, 300, 10, 10, 0, (), Decision.COMPLETE_MAX_ROUNDS),
         (400 * MiB, 1 * GiB, 300, 11, 10, 0, (), Decision.COMPLETE_MAX_ROUNDS),

@@ -25,6 +25,7 @@ from protocol import (
     Reject,
     Resume,
     Resumed,
+    RoundAck,
     RoundEnd,
     StateTransfer,
     Welcome,
@@ -83,6 +84,7 @@ def make_examples(migration_id: str = MIGRATION_ID) -> dict[MsgType, Message]:
         Query(migration_id=migration_id),
         QueryResult(migration_id=migration_id, state="completed"),
         Abort(code=ErrorCode.CANCELLED, reason="operator cancelled"),
+        RoundAck(round=3),
     ]
     table = {msg.TYPE: msg for msg in examples}
     assert len(table) == len(examples)

@@ -220,7 +220,7 @@ def test_good_partial_magic_waits(head):
     assert decoder.next_event() is NEED_DATA
 
 
-@pytest.mark.parametrize("msg_type", [0, 18, 0x100, 0xFFFF])
+@pytest.mark.parametrize("msg_type", [0, 19, 0x100, 0xFFFF])
 def test_unknown_type(msg_type):
     err = remote_error(ErrorCode.UNKNOWN_TYPE, raw_frame(msg_type, b"\x80"))
     assert str(msg_type) in str(err)

@@ -62,9 +62,9 @@ def test_enum_values_are_distinct_ints(enum_cls):
 
 
 def test_spec_numbering():
-    assert MsgType.HELLO == 1 and MsgType.ABORT == 17
+    assert MsgType.HELLO == 1 and MsgType.ABORT == 17 and MsgType.ROUND_ACK == 18
     assert ErrorCode.MALFORMED == 1 and ErrorCode.INCOMPATIBLE == 17
-    assert len(MsgType) == 17 and len(ErrorCode) == 17
+    assert len(MsgType) == 18 and len(ErrorCode) == 17
     assert BatchFlags.NONE == 0 and BatchFlags.ZERO == 1
 
 

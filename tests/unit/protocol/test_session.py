@@ -81,6 +81,7 @@ SENDER = {
     MsgType.COMMITTED: D,
     MsgType.QUERY: S,
     MsgType.QUERY_RESULT: D,
+    MsgType.ROUND_ACK: D,
 }
 
 _T = MsgType
@@ -357,8 +358,8 @@ def test_allowed_sets(examples):
     assert source.allowed_to_receive() == frozenset() == dest.allowed_to_send()
     pair = drive(St.TRANSFER, examples)
     assert pair.sessions[S].allowed_to_send() == {_T.PAGE_BATCH, _T.ROUND_END, _T.STATE_TRANSFER, _T.ABORT}
-    assert pair.sessions[S].allowed_to_receive() == {_T.ABORT}
-    assert pair.sessions[D].allowed_to_send() == {_T.ABORT}
+    assert pair.sessions[S].allowed_to_receive() == {_T.ROUND_ACK, _T.ABORT}
+    assert pair.sessions[D].allowed_to_send() == {_T.ROUND_ACK, _T.ABORT}
 
 
 def test_roles_and_repr():
