@@ -235,7 +235,9 @@ class DestinationMigration:
             ram.ctl.command(Cmd.PAUSE)
             self.vm.start_guest(host.guest_log(p.vm))
             host.registry.save(self.vm)
-            await asyncio.to_thread(ram.prefault)
+            # Pre-fault only what the source holds data in (holes stay holes:
+            # zero pages are announced and cost this host no memory).
+            await asyncio.to_thread(ram.prefault, p.populated)
             job.stats.prefault_ms = (time.monotonic() - t0) * 1000.0
             job.stats.ram_bytes = p.memory_bytes
             job.stats.pages_total = ram.npages

@@ -29,6 +29,7 @@ import structlog
 
 from memstore import PAGE_SIZE, DirtyMap, PageRun, chunk_digests, diff_chunks, split_zero
 from protocol import (
+    MAX_BATCH_RUNS,
     BatchFlags,
     Commit,
     Committed,
@@ -83,6 +84,30 @@ def batches(runs, max_pages: int = BATCH_PAGES, max_runs: int = BATCH_RUNS):
                 cur, n = [], 0
     if cur:
         yield cur
+
+
+def populated_runs(ram, chunk_pages: int) -> tuple[tuple[int, int], ...]:
+    """Chunks of the segment that hold data (SEEK_DATA), merged into runs, so
+    the destination pre-faults only memory that will receive pages; a VM that
+    never wrote most of its RAM costs the destination no memory for it. Falls
+    back to everything when the runs would not fit one Prepare."""
+    npages = ram.npages
+    runs: list[tuple[int, int]] = []
+    page = 0
+    while page < npages:
+        data = ram.next_data_page(page)
+        if data >= npages:
+            break
+        start = data - data % chunk_pages
+        end = min(npages, start + chunk_pages)
+        if runs and runs[-1][0] + runs[-1][1] == start:
+            runs[-1] = (runs[-1][0], end - runs[-1][0])
+        else:
+            runs.append((start, end - start))
+        page = end
+    if len(runs) > MAX_BATCH_RUNS:
+        return ((0, npages),)
+    return tuple(runs)
 
 
 class Requeue(Exception):
@@ -172,6 +197,7 @@ class SourceMigration:
         await conn.send(Prepare(
             migration_id=job.id, vm=vm.name, memory_bytes=vm.record.memory_bytes,
             workload=vm.record.workload, features=(), source=host.name,
+            populated=populated_runs(ram, vm.heat.chunk_pages),
         ))
         job.tracker.set_phase(expected=P.NEGOTIATE, new=P.SETUP)
         # The destination creates and pre-faults the shell; allow time for that.

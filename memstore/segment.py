@@ -269,8 +269,8 @@ class GuestRam:
             raise SegmentError(f"lseek(SEEK_DATA) on {self.path}: {exc}") from exc
         return min(self.npages, max(page, (off - self.ram_offset) // PAGE_SIZE))
 
-    def prefault(self) -> None:
-        """Make every RAM page allocated, resident and writable in this
+    def prefault(self, runs=None) -> None:
+        """Make every RAM page (or the pages of ``runs``, (first, count) pairs) allocated, resident and writable in this
         mapping, so later writes (recv_into on the destination) take no page
         faults. MADV_POPULATE_WRITE when the kernel has it; otherwise
         posix_fallocate plus a write of one byte per page (rewriting each
@@ -282,11 +282,29 @@ class GuestRam:
         first allocation of memory a fresh VM has never touched took 2.4 s
         per GiB: the hypervisor backs it on first use). Either is cheaper
         than taking the same faults inside recv_into during the first pass."""
+        if runs is not None:
+            for first, count in runs:
+                if first < 0 or count < 1 or first + count > self.npages:
+                    raise ValueError(f"pages [{first}, {first + count}) outside 0..{self.npages}")
+            spans = [(self.ram_offset + f * PAGE_SIZE, c * PAGE_SIZE) for f, c in runs]
+        else:
+            spans = [(self.ram_offset, self.size_bytes)]
         try:
-            _populate_write(self._mm, self.ram_offset, self.size_bytes)
+            for off, size in spans:
+                _populate_write(self._mm, off, size)
             return
         except OSError:
             pass
+        if runs is not None:
+            for first, count in runs:           # fallback: touch each page of the runs
+                view = self.ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+                try:
+                    touched = view[::PAGE_SIZE]
+                    touched[:] = touched.tobytes()
+                    touched.release()
+                finally:
+                    view.release()
+            return
         try:
             os.posix_fallocate(self.fd, self.ram_offset, self.size_bytes)
         except OSError as exc:

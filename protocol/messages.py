@@ -138,6 +138,29 @@ def _check_len(msg: Message, name: str, value: bytes, *lengths: int) -> None:
         raise _fail(msg, f"{name} must be {want} bytes, got {len(value)}")
 
 
+def _check_runs(msg: Message, runs: object, name: str) -> tuple[int, int, int]:
+    """Validate ``(first_page, count)`` pairs; returns (pages, runs, end page)."""
+    if type(runs) is not tuple:
+        raise _fail(msg, f"{name} must be a tuple, got {type(runs).__name__}")
+    if not 1 <= len(runs) <= MAX_BATCH_RUNS:
+        raise _fail(msg, f"{name} has {len(runs)} entries, must be 1..{MAX_BATCH_RUNS}")
+    # Per-run checks run in C (map/zip/min/sum), not in a Python loop.
+    if not all(map(isinstance, runs, repeat(tuple))):
+        raise _fail(msg, "each run must be a (first_page, count) tuple")
+    try:
+        firsts, counts = zip(*runs, strict=True)
+    except ValueError:
+        raise _fail(msg, "each run must be a (first_page, count) pair") from None
+    if set(map(type, firsts)) != {int} or set(map(type, counts)) != {int}:
+        raise _fail(msg, "run first_page and count must be int")
+    if min(firsts) < 0 or min(counts) < 1:
+        raise _fail(msg, f"{name} need first_page >= 0 and count >= 1")
+    end = max(map(add, firsts, counts))
+    if end > U64_MAX:
+        raise _fail(msg, "run beyond page 2**64-1")
+    return sum(counts), len(runs), end
+
+
 class Message:
     """Base of all messages.  Subclasses are registered in ``REGISTRY``."""
 
@@ -356,6 +379,9 @@ class Prepare(Message):
     workload: str
     features: tuple[str, ...]
     source: str
+    #: page runs of the source's memory that hold data (the rest was never
+    #: written): the destination pre-faults only these. Empty = none.
+    populated: tuple[tuple[int, int], ...]
 
     def _check(self) -> None:
         _check_id(self, "migration_id", self.migration_id)
@@ -364,6 +390,10 @@ class Prepare(Message):
             raise _fail(
                 self, f"memory_bytes={self.memory_bytes} must be a positive multiple of {PAGE_SIZE}"
             )
+        if self.populated:
+            _, _, end = _check_runs(self, self.populated, "populated")
+            if end > self.memory_bytes // PAGE_SIZE:
+                raise _fail(self, f"populated runs end at page {end}, beyond the VM's memory")
 
 
 @_register
@@ -400,27 +430,9 @@ class PageBatch(Message):
         return self._pages
 
     def _check(self) -> None:
-        runs = self.runs
-        if type(runs) is not tuple:
-            raise _fail(self, f"runs must be a tuple, got {type(runs).__name__}")
-        if not 1 <= len(runs) <= MAX_BATCH_RUNS:
-            raise _fail(self, f"runs has {len(runs)} entries, must be 1..{MAX_BATCH_RUNS}")
-        # Per-run checks run in C (map/zip/min/sum), not in a Python loop.
-        if not all(map(isinstance, runs, repeat(tuple))):
-            raise _fail(self, "each run must be a (first_page, count) tuple")
-        try:
-            firsts, counts = zip(*runs, strict=True)
-        except ValueError:
-            raise _fail(self, "each run must be a (first_page, count) pair") from None
-        if set(map(type, firsts)) != {int} or set(map(type, counts)) != {int}:
-            raise _fail(self, "run first_page and count must be int")
-        if min(firsts) < 0 or min(counts) < 1:
-            raise _fail(self, "runs need first_page >= 0 and count >= 1")
-        pages = sum(counts)
+        pages, _, _ = _check_runs(self, self.runs, "runs")
         if pages > MAX_BATCH_PAGES:
             raise _fail(self, f"{pages} pages, limit {MAX_BATCH_PAGES}")
-        if max(map(add, firsts, counts)) > U64_MAX:
-            raise _fail(self, "run beyond page 2**64-1")
         object.__setattr__(self, "_pages", pages)
         expected = 0 if self.flags & BatchFlags.ZERO else pages * PAGE_SIZE
         if self.payload_len != expected:

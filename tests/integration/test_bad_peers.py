@@ -41,7 +41,7 @@ CASES = {
     "unknown-type": struct.pack("!4sHHII", MAGIC, 999, 0, 1, 0) + b"\x80",
     "bad-body": struct.pack("!4sHHII", MAGIC, 1, 0, 3, 0) + b"\xc1\xc1\xc1",
     "wrong-first-message": encode_frame(Prepare(migration_id="m1", vm="v", memory_bytes=4096, workload="idle",
-                                                features=(), source="x")),
+                                                features=(), source="x", populated=())),
 }
 
 

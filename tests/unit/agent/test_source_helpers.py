@@ -57,3 +57,31 @@ async def test_live_slots_cancelled_waiter_leaves_queue():
 async def _until(cond):
     while not cond():
         await asyncio.sleep(0)  # ok: one loop turn, not a wait
+
+
+def test_populated_runs_follow_the_data_and_prefault_only_them(shm_prefix):
+    import os
+
+    from agent.source import populated_runs
+    from memstore import PAGE_SIZE, GuestRam
+
+    ram = GuestRam.create(f"{shm_prefix}.pop", 64 * PAGE_SIZE)
+    try:
+        assert populated_runs(ram, 8) == ()                 # never written: nothing to pre-fault
+        ram.ram[3 * PAGE_SIZE] = 1                          # chunk 0
+        ram.ram[9 * PAGE_SIZE] = 1                          # chunk 1 (adjacent: merged)
+        ram.ram[40 * PAGE_SIZE] = 1                         # chunk 5
+        runs = populated_runs(ram, 8)
+        assert runs == ((0, 16), (40, 8))
+        dest = GuestRam.create(f"{shm_prefix}.pop2", 64 * PAGE_SIZE)
+        try:
+            before = os.fstat(dest.fd).st_blocks * 512
+            dest.prefault(runs)
+            grown = os.fstat(dest.fd).st_blocks * 512 - before
+            assert grown == 24 * PAGE_SIZE                  # exactly the runs, not all 64 pages
+        finally:
+            dest.close()
+            dest.unlink()
+    finally:
+        ram.close()
+        ram.unlink()

@@ -66,6 +66,7 @@ def make_examples(migration_id: str = MIGRATION_ID) -> dict[MsgType, Message]:
             workload="memtouch --rate 10",
             features=(),
             source="10.0.0.1:7070",
+            populated=((0, 16), (100, 156)),
         ),
         Ready(migration_id=migration_id, prefault_ms=12),
         PageBatch(

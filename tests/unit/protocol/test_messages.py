@@ -196,8 +196,19 @@ def test_auth_proof_length(proof):
 
 
 PREPARE = dict(
-    migration_id="m", vm="vm", memory_bytes=PAGE_SIZE, workload="", features=(), source="s"
+    migration_id="m", vm="vm", memory_bytes=PAGE_SIZE, workload="", features=(), source="s", populated=()
 )
+
+
+@pytest.mark.parametrize("populated", [((0, 2),), ((1, 1), (5, 3))])
+def test_prepare_populated_runs_ok(populated):
+    assert Prepare(**{**PREPARE, "memory_bytes": 8 * PAGE_SIZE, "populated": populated}).populated == populated
+
+
+@pytest.mark.parametrize("populated", [((0, 9),), ((7, 2),), ((0, 0),), ((-1, 1),), ((0,),), [(0, 1)]])
+def test_prepare_populated_runs_bad(populated):
+    with pytest.raises(LocalProtocolError):
+        Prepare(**{**PREPARE, "memory_bytes": 8 * PAGE_SIZE, "populated": populated})
 
 
 @pytest.mark.parametrize(
