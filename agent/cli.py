@@ -221,7 +221,10 @@ def _out(ns, obj: Any, human: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra and ns.cmd != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if ns.cmd == "agent":
             return _run_agent(ns)
@@ -230,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo()
         if ns.cmd == "bench":
             from .bench import main as bench_main
-            return bench_main(ns.args)
+            return bench_main([*extra, *ns.args])      # bench parses its own options
         cl = _client(ns)
         if ns.cmd == "vm":
             if ns.vmcmd == "create":
