@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -509,6 +510,94 @@ def scenario_scale(ctx: Ctx) -> RunRecord:
     return rec
 
 
+DRAIN_VMS = 8
+DRAIN_LIMIT = 2
+DRAIN_WORKLOAD = "uniform:rate=500"
+
+
+def _max_overlap(reports: list[dict]) -> int:
+    """Most migrations that ran at once, from their started_at/finished_at stamps."""
+    events = []
+    for r in reports:
+        if r.get("started_at") and r.get("finished_at"):
+            events += [(r["started_at"], 1), (r["finished_at"], -1)]
+    cur = best = 0
+    for _, d in sorted(events, key=lambda e: (e[0], e[1])):
+        cur += d
+        best = max(best, cur)
+    return best
+
+
+_DRAIN_RUN = itertools.count()
+
+
+def _drain(src: AgentProcess, dst: AgentProcess) -> tuple[dict, float, list[dict]]:
+    t0 = time.monotonic()
+    dr = src.call("drain", timeout_s=None, to=[dst.addr], wait=True)
+    wall_ms = (time.monotonic() - t0) * 1000.0
+    src.call("undrain")
+    return dr, wall_ms, [src.call("job.show", id=v["id"]) for v in dr["vms"]]
+
+
+def scenario_drain(ctx: Ctx) -> RunRecord:
+    """8 VMs of 256 MiB, light workload, limit 2 on both hosts: the same VMs moved one at a
+    time between A and B, and drained (2 at once) the other way; the drain must not be
+    slower. The order alternates between runs."""
+    size = ctx.cfg.size(256 * MiB)
+    rec = RunRecord()
+    with Cluster(ctx.prefix, ctx.log) as cl:
+        a, b = cl.a, cl.b
+        try:
+            for ag in (a, b):
+                ag.call("config.set", key="max-live-migrations", value=str(DRAIN_LIMIT))
+            names = [f"vm{i}" for i in range(DRAIN_VMS)]
+            for n in names:
+                a.call("vm.create", timeout_s=120.0, name=n, memory=size, workload=DRAIN_WORKLOAD, prefill="random")
+            # Which direction goes first alternates between runs, so neither way
+            # always meets the other's freshly freed (or never touched) memory.
+            drain_first = next(_DRAIN_RUN) % 2 == 1
+            src, dst = (a, b)
+            if drain_first:
+                ctx.log(f"  drain: {DRAIN_VMS} x {size_label(size)}, A -> B, limit {DRAIN_LIMIT}")
+                dr, drain_wall_ms, drained = _drain(a, b)
+                src, dst = b, a
+            ctx.log(f"  drain: {DRAIN_VMS} x {size_label(size)}, one at a time {src.name} -> {dst.name}")
+            t0 = time.monotonic()
+            seq = [src.call("migrate", timeout_s=None, vm=n, to=dst.addr, wait=True) for n in names]
+            seq_ms = (time.monotonic() - t0) * 1000.0
+            rec.reports.extend(seq)
+            if not all(r["status"] == "completed" for r in seq):
+                raise BenchError(f"sequential migrations: {[r['status'] for r in seq]}")
+            if not drain_first:
+                ctx.log(f"  drain: B -> A, limit {DRAIN_LIMIT}")
+                dr, drain_wall_ms, drained = _drain(b, a)
+            rec.reports.extend(drained)
+            rec.info["order"] = "drain first" if drain_first else "one at a time first"
+            ok = dr["status"] == "completed" and len(drained) == DRAIN_VMS
+            rec.ok = ok
+            if not ok:
+                rec.error = f"drain {dr['status']}: {[(v['vm'], v['status'], v['error']) for v in dr['vms']]}"
+            rec.metrics = {
+                "total_ms": _r(dr["drain_ms"], 1),
+                "drain_ms": _r(dr["drain_ms"], 1),
+                "drain_wall_ms": _r(drain_wall_ms, 1),
+                "sequential_ms": _r(seq_ms, 1),
+                "ratio_to_sequential": _r(dr["drain_ms"] / seq_ms),
+                "max_concurrent": _max_overlap(drained),
+                "bytes_sent": sum(r["bytes_sent"] for r in drained),
+                "ram_bytes": sum(r["ram_bytes"] for r in drained),
+                "downtime_ms": max((r["downtime_ms"] for r in drained), default=None),
+                "verified": all(r["verified"] for r in drained) and all(r["verified"] for r in seq),
+            }
+            rec.info["vms"] = [{k: v.get(k) for k in ("vm", "destination", "status", "total_ms", "downtime_ms")}
+                               for v in dr["vms"]]
+        except Exception as exc:  # noqa: BLE001 - recorded with the agents' log tails, then cleaned up
+            rec.error = f"{type(exc).__name__}: {exc}"
+            rec.info["log_tail"] = cl.log_tails()
+    rec.leaks = cl.leaks
+    return rec
+
+
 @dataclass(frozen=True)
 class Scenario:
     name: str
@@ -538,6 +627,10 @@ SCENARIOS: dict[str, Scenario] = {
         "scale", "idle VMs of 256 MiB, 1 GiB, 4 GiB: total time vs size, agent RSS", scenario_scale,
         lambda c: {"sizes": [size_label(c.size(s)) for s in (256 * MiB, GiB, 4 * GiB)], "workload": "idle",
                    "prefill": "random"}),
+    "drain": Scenario(
+        "drain", "8 VMs of 256 MiB, limit 2: drain time vs the same VMs moved one at a time", scenario_drain,
+        lambda c: {"vms": DRAIN_VMS, "memory": size_label(c.size(256 * MiB)), "workload": DRAIN_WORKLOAD,
+                   "prefill": "random", "max_live_migrations": DRAIN_LIMIT}),
 }
 
 
@@ -633,6 +726,9 @@ TARGETS: list[Target] = [
     Target("hotset-1g-hot", "total time <= 3 x RAM / link rate (median)", _med("total_ms"), "<=", _hot_budget,
            fmt="{:.0f} ms"),
     Target("scale", "R² of total time vs size >= 0.98 (median)", _med("r2"), ">=", 0.98, fmt="{:.4f}"),
+    Target("drain", "2 at once not slower than one at a time (drain / sequential, median)",
+           _med("ratio_to_sequential"), "<=", 1.0, fmt="{:.2f}"),
+    Target("drain", "every VM completed and verified", _frac("verified"), ">=", 1.0, fmt="{:.0%} of runs"),
     Target("scale", "source agent RSS w/o guest memory <= 100 MiB at 4 GiB", _med("src_rss_noguest_bytes"),
            "<=", 100 * MiB, fmt="{:,.0f} B"),
     Target("scale", "destination agent RSS w/o guest memory <= 100 MiB at 4 GiB",
@@ -858,6 +954,10 @@ def _details(doc: dict) -> list[str]:
                        f"{_cell(s.get('dst_rss_noguest_bytes'), '{:.1f}', 1 / MiB)} MiB; `status` rss_bytes "
                        f"(incl. mapped guest memory): source {_cell(s.get('src_rss_bytes'), '{:.1f}', 1 / MiB)} "
                        f"MiB, destination {_cell(s.get('dst_rss_bytes'), '{:.1f}', 1 / MiB)} MiB")
+        elif name == "drain":
+            out.append(f"drain: {DRAIN_VMS} VMs, limit {DRAIN_LIMIT}: drain {_cell(s.get('drain_ms'))} ms vs one at "
+                       f"a time {_cell(s.get('sequential_ms'))} ms = {_cell(s.get('ratio_to_sequential'), '{:.2f}')};"
+                       f" at most {_cell(s.get('max_concurrent'))} ran at once")
         else:
             out.append(f"{name}: {common}")
     return out

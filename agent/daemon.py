@@ -287,7 +287,7 @@ class Agent:
             "maintenance": True,
             "status": "completed" if all(r["status"] == "completed" for r in reports) and not left else "incomplete",
             "drain_ms": round((time.time() - t0) * 1000.0, 1),
-            "vms": [{"vm": r["vm"], "destination": r["destination"], "status": r["status"], "error": r["error"],
+            "vms": [{"id": r["id"], "vm": r["vm"], "destination": r["destination"], "status": r["status"], "error": r["error"],
                      "total_ms": r["total_ms"], "downtime_ms": r["downtime_ms"], "queued_at": r["queued_at"],
                      "started_at": r["started_at"], "finished_at": r["finished_at"],
                      "bytes_sent": r["bytes_sent"], "verified": r["verified"]} for r in reports],

@@ -237,7 +237,10 @@ class DestinationMigration:
             host.registry.save(self.vm)
             # Pre-fault only what the source holds data in (holes stay holes:
             # zero pages are announced and cost this host no memory).
-            await asyncio.to_thread(ram.prefault, p.populated)
+            # One pre-fault at a time per host: two in parallel contend for the
+            # same cores and page allocator; one overlaps the other's transfer.
+            async with host.prefault_lock:
+                await asyncio.to_thread(ram.prefault, p.populated)
             job.stats.prefault_ms = (time.monotonic() - t0) * 1000.0
             job.stats.ram_bytes = p.memory_bytes
             job.stats.pages_total = ram.npages

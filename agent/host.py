@@ -1,6 +1,7 @@
 """Host: the small owners one agent is made of, passed explicitly to drivers."""
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class Host:
         if self.slots is None:
             self.slots = LiveSlots(self.cfg.limits.max_live_migrations)
         self.pairs = PairLimits(self.slots)
+        self.prefault_lock = asyncio.Lock()
         bw = self.cfg.limits.host_max_bandwidth_mibps
         self.bandwidth = HostBandwidth(bw) if bw else None
         self.storage_limit = self.cfg.limits.max_storage_migrations
