@@ -213,6 +213,16 @@ def _client(ns):
     return ControlClient(ns.agent)
 
 
+def _migration_args(ns, **args) -> dict:
+    """Options shared by migrate and drain, as control-API arguments."""
+    args["wait"] = ns.wait
+    if ns.downtime_ms is not None:
+        args["downtime_ms"] = ns.downtime_ms
+    if ns.max_bandwidth is not None:
+        args["max_bandwidth_mibps"] = ns.max_bandwidth
+    return args
+
+
 def _out(ns, obj: Any, human: str) -> None:
     if getattr(ns, "json", False):
         print(json.dumps(obj, indent=2))
@@ -251,11 +261,7 @@ def main(argv: list[str] | None = None) -> int:
                 _out(ns, r, f"deleted {r['deleted']}")
             return EXIT_OK
         if ns.cmd == "migrate":
-            args = {"vm": ns.vm, "to": ns.to, "wait": ns.wait, "priority": ns.priority}
-            if ns.downtime_ms is not None:
-                args["downtime_ms"] = ns.downtime_ms
-            if ns.max_bandwidth is not None:
-                args["max_bandwidth_mibps"] = ns.max_bandwidth
+            args = _migration_args(ns, vm=ns.vm, to=ns.to, priority=ns.priority)
             r = cl.call("migrate", timeout_s=None if ns.wait else 30.0, **args)
             if ns.wait:
                 _out(ns, r, format_report(r))
@@ -269,11 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             _out(ns, r, _table(r, ["id", "vm", "direction", "source", "destination", "state", "pages_sent", "error"]))
             return EXIT_OK
         if ns.cmd == "drain":
-            args = {"to": ns.to, "wait": ns.wait}
-            if ns.downtime_ms is not None:
-                args["downtime_ms"] = ns.downtime_ms
-            if ns.max_bandwidth is not None:
-                args["max_bandwidth_mibps"] = ns.max_bandwidth
+            args = _migration_args(ns, to=ns.to)
             r = cl.call("drain", timeout_s=None if ns.wait else 30.0, **args)
             if ns.wait:
                 human = "\n".join([f"drain {r['status']} in {r['drain_ms']:.0f} ms", _table(
