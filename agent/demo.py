@@ -52,6 +52,10 @@ def run_demo() -> int:
         on_a = [v["name"] for v in a.call("vm.list")]
         first = b.call("vm.show", name=VM)
         second = _wait_writes_above(b, VM, first["writes"] + 2000, 30.0)
+        deadline = time.monotonic() + 5.0          # the guest's rate is a 1 s window: let one close
+        while second["write_rate_pps"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            second = b.call("vm.show", name=VM)
         print(f"{VM} now on B: state {second['state']}, writes {report['writes_at_pause']} at pause -> "
               f"{first['writes']} -> {second['writes']} (still counting, {second['write_rate_pps']} pages/s)")
         print(f"VMs left on A: {on_a or 'none'}")
