@@ -19,7 +19,7 @@ import time
 
 import psutil
 
-from memstore import DirtyMap, GuestRam, parse_size
+from memstore import DirtyMap, GuestRam, SegmentError, parse_size
 
 from . import sdnotify
 from .config import AgentConfig, NAME_RE, parse_hostport
@@ -113,7 +113,10 @@ class Agent:
         await self.endpoint.shutdown(grace_s=1.0)
         await self.control.close()
         for vm in self.host.registry:
-            vm.ram.close()
+            try:
+                vm.ram.close()
+            except SegmentError as exc:       # a view still held by a cancelled task: harmless at exit
+                log.warning("segment_close_deferred", vm=vm.name, error=str(exc))
         log.info("stopped", vms_left_running=len(self.host.registry))
 
     def _track(self, coro) -> asyncio.Task:

@@ -53,7 +53,8 @@ from protocol import (
     Capabilities,
 )
 
-from .errors import AdmissionRefused, AgentError, PeerError, PeerLost
+from .config import NAME_RE
+from .errors import AdmissionRefused, AgentError, PeerError, PeerLost, VmError
 from .host import Host
 from .jobs import Job
 from .logs import get_logger
@@ -119,6 +120,8 @@ class DestinationMigration:
                 self.host.registry.reserved.pop(self.reserved_name, None)
             if self.job is not None and not self.job.done.is_set():
                 self.job.finish()
+            if self.owned and self.vm is not None:
+                self.vm.migrating = None
             await conn.wait_closed()
 
     # ---- handshake ---------------------------------------------------------
@@ -175,6 +178,8 @@ class DestinationMigration:
         job = self.host.jobs.get(migration_id)
         if job is not None and not job.done.is_set():
             return "in-progress"            # still deciding (e.g. discarding after an Abort)
+        if self.host.was_taken(migration_id):
+            return "running"                # ours since Resume, even if it has moved on since
         for vm in self.host.registry:
             if vm.record.migration_id == migration_id and vm.record.state != "incoming":
                 return "running"
@@ -185,6 +190,10 @@ class DestinationMigration:
     # ---- admission and shell -------------------------------------------
     def _admit(self, p: Prepare) -> None:
         host = self.host
+        if host.jobs.get(p.migration_id) is not None or host.was_taken(p.migration_id):
+            raise AdmissionRefused(f"migration id {p.migration_id!r} is already known here", ErrorCode.UNEXPECTED)
+        if NAME_RE.fullmatch(p.vm) is None:
+            raise AdmissionRefused(f"bad VM name {p.vm!r}", ErrorCode.INCOMPATIBLE)
         if host.maintenance:
             raise AdmissionRefused(f"host {host.name} is in maintenance and accepts no VMs", ErrorCode.MAINTENANCE)
         if p.vm in host.registry:
@@ -232,7 +241,7 @@ class DestinationMigration:
             # Standby guest: launched paused now, so the interpreter start-up
             # (~60 ms) overlaps the transfer instead of adding to the downtime.
             ram.ctl.workload = p.workload
-            ram.ctl.command(Cmd.PAUSE)
+            self.standby_seq = ram.ctl.command(Cmd.PAUSE)
             self.vm.start_guest(host.guest_log(p.vm))
             host.registry.save(self.vm)
             # Pre-fault only what the source holds data in (holes stay holes:
@@ -254,6 +263,9 @@ class DestinationMigration:
             state = await self._receive_pages()
             job.tracker.set_phase(expected=P.PRECOPY, new=P.STOP_AND_COPY)
             conn.payload_sink = None
+            # The standby guest stores its own (empty) state when it first pauses:
+            # load the shipped state only after that, or it would be overwritten.
+            await self.vm.wait_ack(self.standby_seq, mcfg.guest_ack_timeout_s)
             self.vm.ctl.load_vcpu_state(state.vcpu_state)
             if FAULT_INJECT == "corrupt-page":       # test hook: a page that arrived wrong
                 ram.ram[0] ^= 0xFF
@@ -269,10 +281,26 @@ class DestinationMigration:
 
             # From here this host owns the VM, unless the source finds the digests
             # differ and says so (Abort VERIFY_FAILED).
-            self.owned = True
             rec.state = "running"
-            host.registry.save(self.vm)
-            await self.vm.resume(mcfg.guest_ack_timeout_s)
+            try:
+                host.registry.save(self.vm)
+            except OSError:
+                rec.state = "incoming"          # not durable: not ours, discard as before Resume
+                raise
+            self.owned = True
+            host.taken(job.id)
+            self.vm.migrating = job.id          # not movable onward until this migration has ended
+            try:
+                await self.vm.resume(mcfg.guest_ack_timeout_s)
+            except VmError as exc:
+                # The standby guest died: the VM is ours, so start a new guest from
+                # the state in its segment (as a restart would) rather than lose it.
+                log.error("standby_guest_lost", error=str(exc))
+                await self.vm.stop_guest(1.0)
+                self.vm.ctl.command(Cmd.RUN)
+                self.vm.start_guest(host.guest_log(p.vm))
+                host.registry.save(self.vm)
+                await self.vm.wait_running(mcfg.guest_ack_timeout_s)
             writes = int(self.vm.ctl.writes)
             job.stats.writes_after_resume = writes
             await conn.send(Resumed(writes=writes))
@@ -296,12 +324,10 @@ class DestinationMigration:
     def _sink(self, batch: PageBatch):
         npages = self.vm.ram.npages
         ram = self.vm.ram.ram
-        out = []
-        for first, count in batch.runs:
+        for first, count in batch.runs:          # all checked before any view exists
             if first + count > npages:
                 raise RemoteProtocolError(f"pages {first}+{count} beyond the VM's {npages} pages", ErrorCode.MALFORMED)
-            out.append(ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE])
-        return out
+        return [ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE] for first, count in batch.runs]
 
     async def _receive_pages(self) -> StateTransfer:
         conn, st = self.conn, self.job.stats
@@ -344,6 +370,8 @@ class DestinationMigration:
         job = self.job
         if self.digests is not None:
             self.digests.close()
+        if self.owned and verify_failed and job is not None:
+            self.host.untake(job.id)        # discarded on the source's word: no longer ours
         if self.owned and not verify_failed:
             # The guest already runs here; the source has committed or will learn it by query.
             log.warning("inbound_error_after_resume", error=reason)

@@ -33,6 +33,7 @@ class Host:
             self.slots = LiveSlots(self.cfg.limits.max_live_migrations)
         self.pairs = PairLimits(self.slots)
         self.prefault_lock = asyncio.Lock()
+        self._load_taken()
         bw = self.cfg.limits.host_max_bandwidth_mibps
         self.bandwidth = HostBandwidth(bw) if bw else None
         self.storage_limit = self.cfg.limits.max_storage_migrations
@@ -61,6 +62,47 @@ class Host:
         if cap_mib:
             free = min(free, cap_mib * 2**20 - reg.committed_memory())
         return max(free, 0)
+
+    # ---- migrations this host took ownership of (answers in-doubt queries) ----
+    TAKEN_KEEP = 4096
+
+    def _taken_path(self) -> str:
+        return os.path.join(self.cfg.agent.data_dir, "taken-migrations")
+
+    def taken(self, migration_id: str) -> None:
+        """Record, durably, that this host owns the VM of ``migration_id`` (from Resume on)."""
+        self._taken.add(migration_id)
+        with open(self._taken_path(), "a") as f:
+            f.write(migration_id + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def untake(self, migration_id: str) -> None:
+        self._taken.discard(migration_id)
+        tmp = self._taken_path() + ".tmp"
+        with open(self._taken_path()) as f:
+            ids = [line.strip() for line in f if line.strip() and line.strip() != migration_id]
+        with open(tmp, "w") as f:
+            f.write("".join(i + "\n" for i in ids))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._taken_path())
+
+    def was_taken(self, migration_id: str) -> bool:
+        return migration_id in self._taken
+
+    def _load_taken(self) -> None:
+        try:
+            with open(self._taken_path()) as f:
+                ids = [line.strip() for line in f if line.strip()]
+        except FileNotFoundError:
+            ids = []
+        ids = ids[-self.TAKEN_KEEP:]
+        self._taken = set(ids)
+        tmp = self._taken_path() + ".tmp"
+        with open(tmp, "w") as f:
+            f.write("".join(i + "\n" for i in ids))
+        os.replace(tmp, self._taken_path())
 
     def guest_log(self, vm: str) -> str:
         return os.path.join(self.guest_log_dir, f"{vm}.log")

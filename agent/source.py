@@ -163,10 +163,12 @@ class SourceMigration:
                 await asyncio.shield(self._rollback("cancelled", cancelled=True))
                 raise
             except (AgentError, ProtocolError, OSError) as exc:
-                await self._rollback(str(exc))
+                # Shielded: an agent shutdown must not stop a rollback halfway
+                # (the guest would stay paused with nobody running the VM).
+                await asyncio.shield(self._rollback(str(exc)))
             except Exception as exc:  # a bug must still roll back, never strand the guest
                 log.exception("migration_internal_error")
-                await self._rollback(f"internal error: {exc!r}")
+                await asyncio.shield(self._rollback(f"internal error: {exc!r}"))
             finally:
                 if self.conn is not None:
                     self.conn.close()
@@ -492,12 +494,18 @@ class SourceMigration:
                     reason = f"{reason}; the destination still runs its copy"
             else:
                 # Resumed arrived (VERIFY): the destination runs the VM and keeps it.
-                # Lost before that (RESUME): ask it which way it went.
+                # Lost before that (RESUME): close this connection (the destination
+                # answers "in-progress" while it still waits on it), then ask.
+                if phase is P.RESUME and self.conn is not None:
+                    self.conn.close()
+                    await self.conn.wait_closed()
                 outcome = "running" if phase is P.VERIFY else await self._resolve_in_doubt()
                 if outcome == "running":
                     log.warning("committed_unverified", error=reason)
                     if not self.job.stats.downtime_ms:
                         self.job.stats.downtime_ms = (time.monotonic() - self.t_pause) * 1000.0
+                    if self.conn is not None:
+                        self.conn.close()
                     self.conn = None
                     await self._commit()
                     return

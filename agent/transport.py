@@ -193,7 +193,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         if self.failure is None:
-            self.failure = exc
+            # Without its traceback: the frames would keep views of guest memory alive.
+            self.failure = exc.with_traceback(None)
         self._release_targets()
         tr = self.transport
         if tr is not None and not tr.is_closing():
@@ -221,10 +222,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._wake()
 
     def pause_writing(self) -> None:
+        # A peer that does not read what we must answer (RoundAcks, an Abort)
+        # gets nothing more read from it either: our write buffer stays bounded.
         self._write_ok.clear()
+        if self.transport is not None:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self._write_ok.set()
+        if self.transport is not None and not self._reading_paused:
+            self.transport.resume_reading()
 
     # ---- coroutine API -----------------------------------------------------
     def check(self) -> None:
@@ -266,7 +273,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         msg = self._inbox.popleft()
         if self._reading_paused and len(self._inbox) < INBOX_LIMIT // 2 and self.transport is not None:
             self._reading_paused = False
-            self.transport.resume_reading()
+            if self._write_ok.is_set():
+                self.transport.resume_reading()
         if isinstance(msg, Abort):
             raise self.failure or PeerError(msg.reason, int(msg.code))
         return msg

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from memstore import Cmd, GuestRam, GuestState, is_guest_process, launch_guest, parse_workload
+from memstore import Cmd, GuestRam, GuestState, SegmentError, is_guest_process, launch_guest, parse_workload
 
 from .errors import VmError
 from .heat import ChunkHeat
@@ -83,6 +83,15 @@ class Vm:
                 raise VmError(f"guest of {self.name} did not acknowledge {cmd.name.lower()} within {timeout_s} s")
             await asyncio.sleep(ACK_POLL_S)
 
+    async def wait_ack(self, seq: int, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.ctl.acknowledged(seq):
+            if not self.guest_alive():
+                raise VmError(f"guest of {self.name} is not running")
+            if time.monotonic() > deadline:
+                raise VmError(f"guest of {self.name} did not acknowledge within {timeout_s} s")
+            await asyncio.sleep(ACK_POLL_S)
+
     async def pause(self, timeout_s: float) -> None:
         await self.command(Cmd.PAUSE, timeout_s)
 
@@ -134,9 +143,15 @@ class Vm:
             pass
 
     def release(self) -> None:
-        """Close and remove the segment (the guest must be stopped)."""
-        self.ram.close()
-        self.ram.unlink()
+        """Close and remove the segment (the guest must be stopped). The file is
+        unlinked even if a stray view still pins the mapping (then the memory
+        goes when the view does)."""
+        try:
+            self.ram.close()
+        except SegmentError:
+            pass
+        finally:
+            self.ram.unlink()
 
     # ---- reporting ---------------------------------------------------------
     def state(self) -> str:

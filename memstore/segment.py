@@ -68,6 +68,8 @@ MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not exported by the mmap module in 3.
 _NAME_MAX = 255
 
 
+PREFAULT_SLICE_BYTES = 16 * 2**20   # one madvise call: ~10 ms with the GIL held
+
 def _check_name(name: str) -> str:
     if (
         not isinstance(name, str)
@@ -291,7 +293,10 @@ class GuestRam:
             spans = [(self.ram_offset, self.size_bytes)]
         try:
             for off, size in spans:
-                _populate_write(self._mm, off, size)
+                # In slices: madvise holds the GIL for the whole call (~0.6 s per
+                # GiB); between slices other threads (an event loop) get to run.
+                for o in range(off, off + size, PREFAULT_SLICE_BYTES):
+                    _populate_write(self._mm, o, min(PREFAULT_SLICE_BYTES, off + size - o))
             return
         except OSError:
             pass
