@@ -61,7 +61,7 @@ def format_progress(j: dict) -> str:
     total = j.get("pages_total") or 0
     done = j.get("pages_sent", 0)
     final = j["state"] in ("completed", "failed", "cancelled")
-    frac = 1.0 if j["state"] == "completed" else (min(done / total, 1.0) if total else 0.0)
+    frac = j.get("progress_pct", 0.0) / 100.0 if "progress_pct" in j else (min(done / total, 1.0) if total else 0.0)
     bw = j.get("bandwidth_bps") or 0
     eta = j.get("eta_s")
     extra = (f" round {j.get('round', 0)} {bw / 2**20:7.1f} MiB/s dirty {j.get('dirty_rate_pps', 0)}/s"

@@ -34,6 +34,7 @@ class Job:
         self.task: asyncio.Task | None = None
         self.tracker = PhaseTracker(MigrationPhase.QUEUED)
         self.on_finish = None          # set by JobTable: observers (metrics) learn of the end
+        self._progress = 0.0
 
     @property
     def phase(self) -> MigrationPhase:
@@ -44,6 +45,18 @@ class Job:
         self.done.set()
         if self.on_finish is not None:
             self.on_finish(self)
+
+    def progress(self) -> float:
+        """Percent done that never runs backwards: pages sent over pages sent plus
+        pages still to send (dirty pages re-enter the total, so the raw ratio can
+        dip when a round ends; the reported figure holds its maximum)."""
+        s = self.stats
+        if self.phase.value in ("completed",):
+            self._progress = 100.0
+        elif s.pages_sent:
+            todo = s.pages_sent + s.remaining_bytes // 4096
+            self._progress = max(self._progress, min(99.9, 100.0 * s.pages_sent / todo))
+        return round(self._progress, 1)
 
     def summary(self) -> dict:
         s = self.stats
@@ -56,6 +69,7 @@ class Job:
             "state": self.phase.value,
             "pages_sent": s.pages_sent,
             "pages_total": s.pages_total,
+            "progress_pct": self.progress(),
             "round": s.rounds,
             "remaining_bytes": s.remaining_bytes,
             "bandwidth_bps": round(s.bandwidth_bps),

@@ -52,3 +52,15 @@ def test_cas_semantics(current, expected, new):
         with pytest.raises(InvalidTransition):
             t.set_phase(expected=expected, new=new)
         assert t.phase is current
+
+
+def test_job_progress_never_runs_backwards():
+    from agent.jobs import Job
+
+    j = Job(vm="v", source="a", destination="b", direction="outbound")
+    seen = []
+    # round 1 half done, round 1 done with many dirty pages, round 2 ...
+    for sent, remaining_pages in [(100, 900), (1000, 0), (1000, 400), (1200, 250), (1400, 0)]:
+        j.stats.pages_sent, j.stats.remaining_bytes = sent, remaining_pages * 4096
+        seen.append(j.progress())
+    assert seen == sorted(seen) and seen[0] == 10.0 and seen[-1] <= 99.9
