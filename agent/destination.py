@@ -250,6 +250,11 @@ class DestinationMigration:
             # same cores and page allocator; one overlaps the other's transfer.
             async with host.prefault_lock:
                 await asyncio.to_thread(ram.prefault, p.populated)
+            # The standby guest must be up (paused) before Ready: its interpreter
+            # start-up (~60 ms) would otherwise land in the pause of a VM that
+            # transfers faster than that. It also stores its own empty state when
+            # it first pauses; the shipped state is loaded only after that.
+            await self.vm.wait_ack(self.standby_seq, mcfg.guest_ack_timeout_s)
             job.stats.prefault_ms = (time.monotonic() - t0) * 1000.0
             job.stats.ram_bytes = p.memory_bytes
             job.stats.pages_total = ram.npages
@@ -263,9 +268,6 @@ class DestinationMigration:
             state = await self._receive_pages()
             job.tracker.set_phase(expected=P.PRECOPY, new=P.STOP_AND_COPY)
             conn.payload_sink = None
-            # The standby guest stores its own (empty) state when it first pauses:
-            # load the shipped state only after that, or it would be overwritten.
-            await self.vm.wait_ack(self.standby_seq, mcfg.guest_ack_timeout_s)
             self.vm.ctl.load_vcpu_state(state.vcpu_state)
             if FAULT_INJECT == "corrupt-page":       # test hook: a page that arrived wrong
                 ram.ram[0] ^= 0xFF
