@@ -318,7 +318,7 @@ async def test_bad_clients_are_closed_and_the_server_keeps_serving(server):
     assert code == 200 and b"livemig_vms" in body
     async with asyncio.timeout(5):
         while srv._clients:                  # every client task ended
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # poll: condition loop under asyncio.timeout
 
 
 @pytest.mark.asyncio

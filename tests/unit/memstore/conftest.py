@@ -33,7 +33,7 @@ def _kill_and_reap(pids: list[int]) -> None:
                     break
             except psutil.NoSuchProcess:
                 break
-            time.sleep(0.001)
+            time.sleep(0.001)  # poll: until the process is reaped, under a deadline
 
 
 @pytest.fixture

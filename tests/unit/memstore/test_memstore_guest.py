@@ -238,7 +238,7 @@ def test_guest_survives_its_parents_process_group(make_ram, shm_prefix):
         "from memstore.guest import launch_guest\n"
         f"p = launch_guest({ram.name!r})\n"
         "print(p.pid, flush=True)\n"
-        "time.sleep(60)\n"
+        "time.sleep(60)\n"  # ok: a stand-in parent that the test kills
     )
     env = dict(os.environ, PYTHONPATH=pkg_root)
     # The stand-in agent gets its own session so the signal below cannot hit pytest.
