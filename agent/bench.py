@@ -44,7 +44,7 @@ import psutil
 
 from . import rawtcp
 from .errors import AgentError
-from .proc import AgentProcess
+from .proc import AgentProcess, wait_for
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -261,14 +261,7 @@ def reap_leftovers(prefix: str) -> list[str]:
 
 # ============================================================================ one migration
 def _wait(cond: Callable[[], Any], timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(POLL_S)
+    return wait_for(cond, timeout_s, POLL_S, what, error=BenchError)
 
 
 def _nominal_rate(workload: str) -> int:

@@ -17,6 +17,19 @@ from .errors import AgentError
 READY_POLL_S = 0.01
 
 
+def wait_for(cond, timeout_s: float = 10.0, interval_s: float = 0.01, what: str = "condition",
+             error: type[Exception] = AssertionError):
+    """Poll ``cond()`` until it returns a truthy value (returned) or the deadline passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise error(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
 class AgentProcess:
     def __init__(self, name: str, workdir: str, *, shm_prefix: str, listen: str = "127.0.0.1:0",
                  extra_args: tuple[str, ...] = (), env: dict | None = None) -> None:

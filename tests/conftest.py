@@ -38,16 +38,7 @@ def leftovers(prefix: str) -> tuple[list[str], list[psutil.Process]]:
     return segs, procs
 
 
-def wait_for(cond, timeout_s: float = 10.0, interval_s: float = 0.01, what: str = "condition"):
-    """Poll ``cond()`` until it returns a truthy value (returned) or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(interval_s)
+from agent.proc import wait_for  # noqa: E402,F401 - re-exported for the tests
 
 
 class Agents:
