@@ -1,7 +1,7 @@
 """Shared fixtures: a unique shm prefix per test, real agent processes, and a leak check.
 
 Every test gets its own ``shm_prefix``; agents started through
-``agent_factory`` use it for their segments, and guests carry their
+the ``agents`` fixture use it for their segments, and guests carry their
 segment name on their command line. After the test, the ``shm_prefix``
 fixture stops the agents, then fails the test if any /dev/shm segment or
 process with that prefix is left (and removes them, so one leak does not
@@ -14,13 +14,11 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
 
-from agent.control import ControlClient
-from agent.proc import AgentProcess
+from agent.proc import AgentProcess, wait_for  # noqa: F401 - wait_for is re-exported for the tests
 
 SHM_DIR = "/dev/shm"
 
@@ -38,7 +36,6 @@ def leftovers(prefix: str) -> tuple[list[str], list[psutil.Process]]:
     return segs, procs
 
 
-from agent.proc import wait_for  # noqa: E402,F401 - re-exported for the tests
 
 
 class Agents:
