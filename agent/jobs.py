@@ -70,7 +70,8 @@ class Job:
             "pages_sent": s.pages_sent,
             "pages_total": s.pages_total,
             "progress_pct": self.progress(),
-            "round": s.rounds,
+            # the round under way while pages move, else the rounds completed
+            "round": s.rounds + 1 if self.phase.value in ("precopy", "stop-and-copy") else s.rounds,
             "remaining_bytes": s.remaining_bytes,
             "bandwidth_bps": round(s.bandwidth_bps),
             "dirty_rate_pps": round(s.dirty_rate_pps),

@@ -246,9 +246,9 @@ class SourceMigration:
         # ---- stop-and-copy: the guest is paused from here until the destination resumes
         job.tracker.set_phase(expected=P.PRECOPY, new=P.STOP_AND_COPY)
         st.guest_rate_during_pps = int(vm.ctl.rate_pps)
-        self.t_pause = time.monotonic()
         vm.record.state = "paused"           # a restart must not resume a VM that may run elsewhere
-        host.registry.save(vm)
+        host.registry.save(vm)               # (durable before the pause, so not part of it)
+        self.t_pause = time.monotonic()
         await vm.pause(mcfg.guest_ack_timeout_s)
         st.writes_at_pause = int(vm.ctl.writes)
         runs = dirty.collect()
@@ -423,6 +423,8 @@ class SourceMigration:
         self._thr_t, self._thr_writes, self._thr_bytes = now, writes, self.meter.total
         st = self.job.stats
         st.dirty_rate_pps = dirty_bps / PAGE_SIZE
+        if bw > 0:
+            st.bandwidth_bps = bw            # live figure; a finished round sets its own
         new_pct, self._thr_over = convergence.next_throttle(st.throttle_pct, dirty_bps, bw, self._thr_over)
         if new_pct != st.throttle_pct:
             st.throttle_pct = new_pct
