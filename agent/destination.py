@@ -69,7 +69,8 @@ log = get_logger("livemig.destination")
 _ZERO = bytes(64 * PAGE_SIZE)
 REASON_CHARS = 1000
 # Fault injection for tests only (environment, never config): "corrupt-page"
-# flips a byte of page 0 after the last round, as a receive-path bug would.
+# flips a byte of page 0 after the last round, as a receive-path bug would;
+# "lose-resumed" drops the connection after the guest resumed, before Resumed.
 FAULT_INJECT = os.environ.get("LIVEMIG_FAULT_INJECT", "")
 
 
@@ -305,6 +306,9 @@ class DestinationMigration:
                 await self.vm.wait_running(mcfg.guest_ack_timeout_s)
             writes = int(self.vm.ctl.writes)
             job.stats.writes_after_resume = writes
+            if FAULT_INJECT == "lose-resumed":      # test hook: the link dies right after the resume
+                conn.fail(PeerLost("fault injection: connection lost after resume"))
+                conn.transport.abort()
             await conn.send(Resumed(writes=writes))
             job.tracker.set_phase(expected=P.RESUME, new=P.VERIFY)
             await conn.send(Digests(chunk_pages=self.digests.chunk_pages, digests=digests))
