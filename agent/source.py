@@ -277,7 +277,7 @@ class SourceMigration:
         t_verify = time.monotonic()
         chunk_pages = digest_chunk_pages(ram.npages)
         src_task = asyncio.create_task(
-            asyncio.to_thread(chunk_digests, ram.ram, chunk_pages, ram.next_data_page))
+            asyncio.to_thread(chunk_digests, ram.ram, chunk_pages, ram.next_data_page, ram.next_hole_page))
         try:
             theirs = await conn.expect(Digests, mcfg.io_timeout_s)
         finally:

@@ -30,13 +30,15 @@ _xxh3_64 = xxhash.xxh3_64_intdigest
 
 
 def chunk_digests(ram: memoryview, chunk_pages: int = CHUNK_PAGES,
-                  next_data_page: Callable[[int], int] | None = None) -> bytes:
+                  next_data_page: Callable[[int], int] | None = None,
+                  next_hole_page: Callable[[int], int] | None = None) -> bytes:
     """Concatenated xxh3_128 digests of consecutive ``chunk_pages``-page
     chunks of ``ram`` (the last chunk may be short).
 
     ``next_data_page`` (``GuestRam.next_data_page``) lets whole chunks that
     are holes of the segment take the digest of zeros without being read:
-    reading a hole allocates it, which is slow and costs memory.
+    reading a hole allocates it, which is slow and costs memory. With
+    ``next_hole_page`` too, a data extent is looked up once, not per chunk.
     """
     if chunk_pages <= 0:
         raise ValueError(f"chunk_pages must be positive, got {chunk_pages}")
@@ -46,12 +48,15 @@ def chunk_digests(ram: memoryview, chunk_pages: int = CHUNK_PAGES,
     parts = []
     zero_digest: dict[int, bytes] = {}
     data_at = -1
+    hole_at = -1                      # pages in [data_at, hole_at) are known to hold data
     for off in range(0, n, step):
         page = off // PAGE_SIZE
         size = min(step, n - off)
-        if next_data_page is not None and page < npages:
+        if next_data_page is not None and page < npages and not (data_at <= page < hole_at):
             if data_at < page:
                 data_at = next_data_page(page)
+                if next_hole_page is not None and data_at < npages:
+                    hole_at = next_hole_page(data_at)
             if data_at >= page + size // PAGE_SIZE:
                 if size not in zero_digest:
                     zero_digest[size] = _xxh3_128(bytes(size))

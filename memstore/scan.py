@@ -17,14 +17,19 @@ granule is misread as zero only on a 128-bit hash collision (and the
 verify phase would still catch it). ``memoryview == bytes`` is not used: it
 compares element by element (~7 us per zero page).
 
-Measured on the reference machine (2-vCPU EPYC, Python 3.11, xxhash 4.1):
-~0.04 s per GiB for incompressible data and about the same for zero memory
-with the default 16-page granules.
+Fast path: one byte of every page is gathered first (a strided slice, C
+speed); a granule with any non-zero sample is data without further reads,
+so only granules whose samples are all zero are hashed. Incompressible
+memory then costs one cache line per page instead of a full read.
+Measured on the reference machine (2-vCPU EPYC, Python 3.11, xxhash 4.1),
+before the fast path: ~0.04 s per GiB for incompressible data and about the
+same for zero memory with the default 16-page granules.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import xxhash
 
@@ -35,6 +40,7 @@ __all__ = ["GRANULE_PAGES", "split_zero", "is_zero"]
 GRANULE_PAGES = 16
 
 _digest = xxhash.xxh3_128_intdigest
+_ZERO_STRETCH = re.compile(rb"\x00+")
 
 
 @functools.lru_cache(maxsize=16)
@@ -61,30 +67,45 @@ def split_zero(
     zero: list[PageRun] = []
     if count == 0:
         return data, zero
-    gbytes = granule_pages * PAGE_SIZE
+    gp = granule_pages
+    ngranules = -(-count // gp)
+    # Fast path: one byte per page, gathered at C speed. A granule with any
+    # non-zero sample is data without being read further; only granules whose
+    # samples are all zero (every granule of zero memory, about none of
+    # incompressible memory) are hashed to decide.
+    samples = bytes(ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE:PAGE_SIZE])
+    candidates: list[int] = []
+    for m in _ZERO_STRETCH.finditer(samples):
+        a, b = m.span()
+        g = -(-a // gp)                                 # first granule starting inside the stretch
+        while g < ngranules and g * gp < b and min((g + 1) * gp, count) <= b:
+            candidates.append(g)
+            g += 1
+    gbytes = gp * PAGE_SIZE
     zfull = _zero_digest(gbytes)
-    start = first * PAGE_SIZE
-    stop = (first + count) * PAGE_SIZE
-    digest = _digest
-    cur_zero = None  # kind of the open run
-    cur_first = first
-    page = first
-    for off in range(start, stop, gbytes):
-        end = off + gbytes
-        if end > stop:
-            end = stop
-            zd = _zero_digest(end - off)
-        else:
-            zd = zfull
-        g = ram[off:end]
-        z = digest(g) == zd
-        g.release()
-        if z is not cur_zero:
-            if cur_zero is not None:
-                (zero if cur_zero else data).append(PageRun(cur_first, page - cur_first))
-            cur_zero = z
-            cur_first = page
-        page += granule_pages
-    page = first + count
-    (zero if cur_zero else data).append(PageRun(cur_first, page - cur_first))
+    is_zero_granule = {}
+    for g in candidates:
+        off = (first + g * gp) * PAGE_SIZE
+        end = min(off + gbytes, (first + count) * PAGE_SIZE)
+        view = ram[off:end]
+        try:
+            is_zero_granule[g] = _digest(view) == (zfull if end - off == gbytes else _zero_digest(end - off))
+        finally:
+            view.release()
+    # Runs: granules not in is_zero_granule (or False there) are data.
+    zero_gs = [g for g in candidates if is_zero_granule[g]]
+    pos = 0                                             # granule index
+    for g in zero_gs + [ngranules]:
+        if g > pos:
+            _append(data, first + pos * gp, first + min(g * gp, count))
+        if g < ngranules:
+            _append(zero, first + g * gp, first + min((g + 1) * gp, count))
+        pos = g + 1
     return data, zero
+
+
+def _append(runs: list[PageRun], start: int, end: int) -> None:
+    if runs and runs[-1].first + runs[-1].count == start:
+        runs[-1] = PageRun(runs[-1].first, end - runs[-1].first)
+    else:
+        runs.append(PageRun(start, end - start))

@@ -271,6 +271,21 @@ class GuestRam:
             raise SegmentError(f"lseek(SEEK_DATA) on {self.path}: {exc}") from exc
         return min(self.npages, max(page, (off - self.ram_offset) // PAGE_SIZE))
 
+    def next_hole_page(self, page: int) -> int:
+        """First page at or after ``page`` that is a hole (``npages`` if none):
+        with next_data_page, lets a scan skip both kinds of extent in one call."""
+        if not 0 <= page <= self.npages:
+            raise ValueError(f"page {page} outside 0..{self.npages}")
+        if page == self.npages:
+            return page
+        try:
+            off = os.lseek(self.fd, self.ram_offset + page * PAGE_SIZE, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return self.npages
+            raise SegmentError(f"lseek(SEEK_HOLE) on {self.path}: {exc}") from exc
+        return min(self.npages, max(page, (off - self.ram_offset) // PAGE_SIZE))
+
     def prefault(self, runs=None) -> None:
         """Make every RAM page (or the pages of ``runs``, (first, count) pairs) allocated, resident and writable in this
         mapping, so later writes (recv_into on the destination) take no page

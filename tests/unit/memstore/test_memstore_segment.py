@@ -263,3 +263,17 @@ def test_chunk_digests_skip_holes_and_agree(make_ram):
     # only the data chunk was read (reading allocates its 15 holes); the other 15 chunks were not
     assert (os.fstat(ram.fd).st_blocks - blocks) * 512 <= 15 * PAGE_SIZE
     assert fast == chunk_digests(ram.ram, 16)     # same answer as reading everything
+
+
+def test_next_hole_page_and_extent_digests_agree(make_ram):
+    from memstore import chunk_digests
+
+    ram = make_ram("extents", 1 << 20)                 # 256 pages
+    assert ram.next_hole_page(0) == 0
+    ram.ram[10 * PAGE_SIZE:40 * PAGE_SIZE] = b"\x05" * (30 * PAGE_SIZE)
+    ram.ram[200 * PAGE_SIZE] = 9
+    assert ram.next_hole_page(10) == 40
+    assert ram.next_hole_page(200) == 201
+    assert ram.next_hole_page(ram.npages) == ram.npages
+    both = chunk_digests(ram.ram, 4, ram.next_data_page, ram.next_hole_page)
+    assert both == chunk_digests(ram.ram, 4, ram.next_data_page) == chunk_digests(ram.ram, 4)
