@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import time
 
 import psutil
@@ -353,6 +354,9 @@ class Agent:
         raise AgentError(f"unknown or read-only setting {key!r}")
 
 
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 class _JobMetrics:
     """Feeds every job's start and end, both directions, to the metrics."""
 
@@ -368,6 +372,10 @@ class _JobMetrics:
 
 
 async def run_agent(cfg: AgentConfig, grace_s: float = 10.0, metrics: str | None = None) -> int:
+    # The data plane's helper threads (digests, pre-fault) take the GIL in short
+    # bursts; with the default 5 ms switch interval the event loop, which moves
+    # the pages, can wait that long for it each time.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     agent = Agent(cfg)
     agent.metrics = AgentMetrics(gauges=lambda: host_gauges(agent.host))
     agent.host.jobs.observers.append(_JobMetrics(agent.metrics))
