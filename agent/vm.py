@@ -74,22 +74,16 @@ class Vm:
 
     async def command(self, cmd: Cmd, timeout_s: float) -> None:
         """Issue a command and wait until the guest acknowledges it."""
-        seq = self.ctl.command(cmd)
-        deadline = time.monotonic() + timeout_s
-        while not self.ctl.acknowledged(seq):
-            if not self.guest_alive():
-                raise VmError(f"guest of {self.name} is not running (asked to {cmd.name.lower()})")
-            if time.monotonic() > deadline:
-                raise VmError(f"guest of {self.name} did not acknowledge {cmd.name.lower()} within {timeout_s} s")
-            await asyncio.sleep(ACK_POLL_S)
+        await self.wait_ack(self.ctl.command(cmd), timeout_s, what=cmd.name.lower())
 
-    async def wait_ack(self, seq: int, timeout_s: float) -> None:
+    async def wait_ack(self, seq: int, timeout_s: float, what: str = "a command") -> None:
+        """Wait until the guest acknowledged command number ``seq``."""
         deadline = time.monotonic() + timeout_s
         while not self.ctl.acknowledged(seq):
             if not self.guest_alive():
-                raise VmError(f"guest of {self.name} is not running")
+                raise VmError(f"guest of {self.name} is not running (asked to {what})")
             if time.monotonic() > deadline:
-                raise VmError(f"guest of {self.name} did not acknowledge within {timeout_s} s")
+                raise VmError(f"guest of {self.name} did not acknowledge {what} within {timeout_s} s")
             await asyncio.sleep(ACK_POLL_S)
 
     async def pause(self, timeout_s: float) -> None:

@@ -259,31 +259,24 @@ class GuestRam:
         touching memory. A page the guest writes after this call is marked
         dirty, so the answer may be stale but never loses a write.
         """
-        if not 0 <= page <= self.npages:
-            raise ValueError(f"page {page} outside 0..{self.npages}")
-        if page == self.npages:
-            return page
-        try:
-            off = os.lseek(self.fd, self.ram_offset + page * PAGE_SIZE, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:        # no data after this offset
-                return self.npages
-            raise SegmentError(f"lseek(SEEK_DATA) on {self.path}: {exc}") from exc
-        return min(self.npages, max(page, (off - self.ram_offset) // PAGE_SIZE))
+        return self._seek_page(page, os.SEEK_DATA)
 
     def next_hole_page(self, page: int) -> int:
         """First page at or after ``page`` that is a hole (``npages`` if none):
         with next_data_page, lets a scan skip both kinds of extent in one call."""
+        return self._seek_page(page, os.SEEK_HOLE)
+
+    def _seek_page(self, page: int, whence: int) -> int:
         if not 0 <= page <= self.npages:
             raise ValueError(f"page {page} outside 0..{self.npages}")
         if page == self.npages:
             return page
         try:
-            off = os.lseek(self.fd, self.ram_offset + page * PAGE_SIZE, os.SEEK_HOLE)
+            off = os.lseek(self.fd, self.ram_offset + page * PAGE_SIZE, whence)
         except OSError as exc:
-            if exc.errno == errno.ENXIO:
+            if exc.errno == errno.ENXIO:        # nothing of that kind after this offset
                 return self.npages
-            raise SegmentError(f"lseek(SEEK_HOLE) on {self.path}: {exc}") from exc
+            raise SegmentError(f"lseek({whence}) on {self.path}: {exc}") from exc
         return min(self.npages, max(page, (off - self.ram_offset) // PAGE_SIZE))
 
     def prefault(self, runs=None) -> None:

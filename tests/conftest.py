@@ -44,8 +44,11 @@ class Agents:
         self.prefix = prefix
         self.started: list[AgentProcess] = []
 
-    def __call__(self, name: str, *extra: str, listen: str = "127.0.0.1:0", start: bool = True) -> AgentProcess:
-        ag = AgentProcess(name, self.tmp, shm_prefix=self.prefix, listen=listen, extra_args=extra)
+    def __call__(self, name: str, *extra: str, listen: str = "127.0.0.1:0", start: bool = True,
+                 env: dict | None = None) -> AgentProcess:
+        """Start an agent; ``env`` adds environment variables (e.g. a fault-injection hook)."""
+        ag = AgentProcess(name, self.tmp, shm_prefix=self.prefix, listen=listen, extra_args=extra,
+                          env=dict(os.environ, **env) if env else None)
         self.started.append(ag)
         return ag.start() if start else ag
 

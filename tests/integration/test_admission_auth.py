@@ -90,49 +90,33 @@ def test_bad_config_is_a_clear_startup_error(tmp_path, shm_prefix):
     assert "did you mean migration.max_rounds" in r.stderr
 
 
-def test_digest_mismatch_rolls_back_to_source(tmp_path, shm_prefix):
+def test_digest_mismatch_rolls_back_to_source(agents, shm_prefix):
     """The destination resumes before verification ends; a mismatch stops it and resumes the source."""
-    from agent.proc import AgentProcess
-
-    env = dict(os.environ, LIVEMIG_FAULT_INJECT="corrupt-page")
-    a = AgentProcess("A", str(tmp_path), shm_prefix=shm_prefix).start()
-    b = AgentProcess("B", str(tmp_path), shm_prefix=shm_prefix, env=env).start()
-    try:
-        a.call("vm.create", name="vm1", memory="16M", workload="uniform:rate=2000", prefill="random")
-        report = a.call("migrate", vm="vm1", to=b.addr, wait=True, timeout_s=None)
-        assert report["status"] == "failed" and report["verified"] is False, report
-        assert "differ" in report["error"]
-        info = a.call("vm.show", name="vm1")
-        assert info["state"] == "running"
-        wait_for(lambda: a.call("vm.show", name="vm1")["writes"] > info["writes"] + 100, 20, what="source runs")
-        wait_for(lambda: b.call("vm.list") == [], 20, what="destination discarded its copy")
-        assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"{shm_prefix}.B.")]
-        a.call("vm.delete", name="vm1")
-    finally:
-        a.stop()
-        b.stop()
+    a, b = agents("A"), agents("B", env={"LIVEMIG_FAULT_INJECT": "corrupt-page"})
+    a.call("vm.create", name="vm1", memory="16M", workload="uniform:rate=2000", prefill="random")
+    report = a.call("migrate", vm="vm1", to=b.addr, wait=True, timeout_s=None)
+    assert report["status"] == "failed" and report["verified"] is False, report
+    assert "differ" in report["error"]
+    info = a.call("vm.show", name="vm1")
+    assert info["state"] == "running"
+    wait_for(lambda: a.call("vm.show", name="vm1")["writes"] > info["writes"] + 100, 20, what="source runs")
+    wait_for(lambda: b.call("vm.list") == [], 20, what="destination discarded its copy")
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"{shm_prefix}.B.")]
+    a.call("vm.delete", name="vm1")
 
 
-def test_lost_resumed_is_resolved_by_query_never_two_copies(tmp_path, shm_prefix):
+def test_lost_resumed_is_resolved_by_query_never_two_copies(agents, shm_prefix):
     """Resume sent, the destination resumed, Resumed lost: the source asks, learns the VM runs
     there, and releases its copy without resuming it (one running copy at every moment)."""
-    from agent.proc import AgentProcess
-
-    env = dict(os.environ, LIVEMIG_FAULT_INJECT="lose-resumed")
-    a = AgentProcess("A", str(tmp_path), shm_prefix=shm_prefix).start()
-    b = AgentProcess("B", str(tmp_path), shm_prefix=shm_prefix, env=env).start()
-    try:
-        a.call("vm.create", name="vm1", memory="16M", workload="uniform:rate=2000", prefill="random")
-        report = a.call("migrate", vm="vm1", to=b.addr, wait=True, timeout_s=None)
-        assert report["status"] == "completed", report
-        assert report["verified"] is False              # the digests never arrived: said so, not assumed
-        assert a.call("vm.list") == []
-        info = b.call("vm.show", name="vm1")
-        assert info["state"] in ("running", "migrating")
-        wait_for(lambda: b.call("vm.show", name="vm1")["state"] == "running", 30, what="B's job ends")
-        wait_for(lambda: b.call("vm.show", name="vm1")["writes"] > info["writes"] + 200, 20, what="B runs it")
-        assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"{shm_prefix}.A.")]
-        b.call("vm.delete", name="vm1")
-    finally:
-        a.stop()
-        b.stop()
+    a, b = agents("A"), agents("B", env={"LIVEMIG_FAULT_INJECT": "lose-resumed"})
+    a.call("vm.create", name="vm1", memory="16M", workload="uniform:rate=2000", prefill="random")
+    report = a.call("migrate", vm="vm1", to=b.addr, wait=True, timeout_s=None)
+    assert report["status"] == "completed", report
+    assert report["verified"] is False              # the digests never arrived: said so, not assumed
+    assert a.call("vm.list") == []
+    info = b.call("vm.show", name="vm1")
+    assert info["state"] in ("running", "migrating")
+    wait_for(lambda: b.call("vm.show", name="vm1")["state"] == "running", 30, what="B's job ends")
+    wait_for(lambda: b.call("vm.show", name="vm1")["writes"] > info["writes"] + 200, 20, what="B runs it")
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"{shm_prefix}.A.")]
+    b.call("vm.delete", name="vm1")
