@@ -18,7 +18,7 @@ import sys
 import psutil
 import pytest
 
-from agent.proc import AgentProcess, wait_for  # noqa: F401 - wait_for is re-exported for the tests
+from agent.control.proc import AgentProcess, wait_for  # noqa: F401 - wait_for is re-exported for the tests
 
 SHM_DIR = "/dev/shm"
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import config as cfgmod
-from agent.config import AgentConfig, load_config
+from agent.daemon import config as cfgmod
+from agent.daemon.config import AgentConfig, load_config
 
 pytestmark = pytest.mark.timeout(30)
 

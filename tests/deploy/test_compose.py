@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.config import load_config
+from agent.daemon.config import load_config
 
 pytestmark = pytest.mark.timeout(60)
 

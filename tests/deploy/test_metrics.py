@@ -8,7 +8,7 @@ import re
 import pytest
 import pytest_asyncio
 
-from agent.metrics import (AgentMetrics, Counter, Gauge, Histogram, MetricsServer, Registry, format_value,
+from agent.observe.metrics import (AgentMetrics, Counter, Gauge, Histogram, MetricsServer, Registry, format_value,
                            host_gauges)
 
 pytestmark = pytest.mark.timeout(30)

@@ -1,7 +1,7 @@
 """agent.sdnotify against a real AF_UNIX datagram socket bound by the test (the role systemd plays).
 
 The last test runs a real agent under a fake ``$NOTIFY_SOCKET``; it is
-skipped until agent/daemon.py calls agent.sdnotify (the lead wires it).
+
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from agent import sdnotify
+from agent.observe import sdnotify
 
 
 @pytest.fixture
@@ -130,12 +130,6 @@ def test_watchdog_loop_rejects_bad_interval():
 
 
 # ---- the agent under a fake $NOTIFY_SOCKET ------------------------------------------
-def _daemon_uses_sdnotify() -> bool:
-    src = os.path.join(os.path.dirname(sdnotify.__file__), "daemon.py")
-    with open(src, encoding="utf-8") as f:
-        return "sdnotify" in f.read()
-
-
 def _recv_until(s: socket.socket, want: bytes, proc: subprocess.Popen, timeout_s: float) -> list[bytes]:
     """Datagrams until one contains ``want`` as a line; fails if the agent exits first."""
     got = []
@@ -156,9 +150,8 @@ def _recv_until(s: socket.socket, want: bytes, proc: subprocess.Popen, timeout_s
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.skipif(not _daemon_uses_sdnotify(), reason="agent/daemon.py does not call agent.sdnotify yet (to be wired)")
 def test_agent_ready_watchdog_stopping_and_vms_survive(notify_sock, tmp_path, shm_prefix):
-    from agent.control import ControlClient
+    from agent.control.server import ControlClient
     from agent.errors import AgentError
 
     s, path = notify_sock

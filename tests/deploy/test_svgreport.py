@@ -5,9 +5,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from agent.jobs import Job
-from agent.phases import TRANSITIONS, MigrationPhase
-from agent.svgreport import fmt_ms, nice_ticks, render_svg
+from agent.migration.jobs import Job
+from agent.migration.phases import TRANSITIONS, MigrationPhase
+from agent.observe.svgreport import fmt_ms, nice_ticks, render_svg
 
 pytestmark = pytest.mark.timeout(30)
 NS = "{http://www.w3.org/2000/svg}"

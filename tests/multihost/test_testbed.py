@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from agent.control import ControlClient
+from agent.control.server import ControlClient
 from tests.conftest import wait_for
 
 pytestmark = [pytest.mark.netns]

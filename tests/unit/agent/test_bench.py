@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from agent import bench
-from agent.bench import (GiB, MiB, RunRecord, SCENARIOS, BenchConfig, Target, aggregate, evaluate_targets,
+from agent.bench import bench
+from agent.bench.bench import (GiB, MiB, RunRecord, SCENARIOS, BenchConfig, Target, aggregate, evaluate_targets,
                          format_markdown, format_table, linear_fit, post_process, report_metrics, summarize)
 from tests.conftest import leftovers
 

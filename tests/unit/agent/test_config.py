@@ -1,6 +1,6 @@
 import pytest
 
-from agent.config import AgentConfig, load_config, parse_hostport
+from agent.daemon.config import AgentConfig, load_config, parse_hostport
 from agent.errors import ConfigError
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from agent.convergence import (
+from agent.migration.convergence import (
     THROTTLE_INITIAL_PCT,
     THROTTLE_MAX_PCT,
     TRIGGER_PERIODS,

@@ -1,7 +1,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.heat import ChunkHeat
+from agent.migration.heat import ChunkHeat
 
 
 def test_hot_chunks_go_last():

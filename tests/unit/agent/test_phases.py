@@ -3,7 +3,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.errors import InvalidTransition
-from agent.phases import FINAL, TRANSITIONS, MigrationPhase, PhaseTracker, is_cancellable
+from agent.migration.phases import FINAL, TRANSITIONS, MigrationPhase, PhaseTracker, is_cancellable
 
 P = MigrationPhase
 HAPPY = [P.QUEUED, P.NEGOTIATE, P.SETUP, P.PRECOPY, P.STOP_AND_COPY, P.RESUME, P.VERIFY, P.COMMIT, P.COMPLETED]
@@ -55,7 +55,7 @@ def test_cas_semantics(current, expected, new):
 
 
 def test_job_progress_never_runs_backwards():
-    from agent.jobs import Job
+    from agent.migration.jobs import Job
 
     j = Job(vm="v", source="a", destination="b", direction="outbound")
     seen = []

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.scheduler import LiveSlots, PairLimits
-from agent.source import batches
+from agent.migration.scheduler import LiveSlots, PairLimits
+from agent.migration.source import batches
 
 
 @given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 2000)), max_size=50),
@@ -62,7 +62,7 @@ async def _until(cond):
 def test_populated_runs_follow_the_data_and_prefault_only_them(shm_prefix):
     import os
 
-    from agent.source import populated_runs
+    from agent.migration.source import populated_runs
     from memstore import PAGE_SIZE, GuestRam
 
     ram = GuestRam.create(f"{shm_prefix}.pop", 64 * PAGE_SIZE)

@@ -48,16 +48,16 @@ from protocol import (
     StateTransfer,
 )
 
-from . import convergence
-from .errors import AgentError, MigrationAborted, PeerError, PeerLost, VmError
-from .host import Host
-from .jobs import Job
-from .logs import get_logger
-from .peer import open_session
-from .phases import MigrationPhase as P
-from .stats import BandwidthMeter
-from .verify import digest_chunk_pages
-from .vm import Vm
+from agent.migration import convergence
+from agent.errors import AgentError, MigrationAborted, PeerError, PeerLost, VmError
+from agent.daemon.host import Host
+from agent.migration.jobs import Job
+from agent.observe.logs import get_logger
+from agent.net.peer import open_session
+from agent.migration.phases import MigrationPhase as P
+from agent.migration.stats import BandwidthMeter
+from agent.migration.verify import digest_chunk_pages
+from agent.daemon.vm import Vm
 
 log = get_logger("livemig.source")
 

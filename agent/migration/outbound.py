@@ -19,15 +19,15 @@ import time
 
 from protocol import ProtocolError, Welcome
 
-from .config import parse_hostport
-from .errors import AgentError, MigrationAborted
-from .host import Host
-from .jobs import Job
-from .logs import get_logger
-from .peer import open_session
-from .phases import MigrationPhase as P
-from .source import SourceMigration
-from .vm import Vm
+from agent.daemon.config import parse_hostport
+from agent.errors import AgentError, MigrationAborted
+from agent.daemon.host import Host
+from agent.migration.jobs import Job
+from agent.observe.logs import get_logger
+from agent.net.peer import open_session
+from agent.migration.phases import MigrationPhase as P
+from agent.migration.source import SourceMigration
+from agent.daemon.vm import Vm
 
 log = get_logger("livemig.outbound")
 

@@ -19,8 +19,8 @@ import psutil
 
 from memstore import Cmd, GuestRam, GuestState, SegmentError, is_guest_process, launch_guest, parse_workload
 
-from .errors import VmError
-from .heat import ChunkHeat
+from agent.errors import VmError
+from agent.migration.heat import ChunkHeat
 
 ACK_POLL_S = 0.001
 

@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from agent.errors import ConfigError
 
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # agent, VM and prefix names; '.' separates them in shm names

@@ -17,7 +17,7 @@ import enum
 import time
 from typing import Final, Mapping
 
-from .errors import InvalidTransition
+from agent.errors import InvalidTransition
 
 
 class MigrationPhase(enum.Enum):

@@ -9,10 +9,10 @@ import psutil
 
 from protocol import FEATURES, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION, Capabilities
 
-from .config import AgentConfig
-from .jobs import JobTable
-from .registry import VmRegistry
-from .scheduler import HostBandwidth, LiveSlots, PairLimits
+from agent.daemon.config import AgentConfig
+from agent.migration.jobs import JobTable
+from agent.daemon.registry import VmRegistry
+from agent.migration.scheduler import HostBandwidth, LiveSlots, PairLimits
 
 
 MEMORY_HEADROOM_BYTES = 256 * 2**20     # kept free for the host itself

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from .errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -177,9 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_agent(ns) -> int:
     import asyncio
 
-    from .config import load_config
-    from .daemon import run_agent
-    from .logs import configure_logging
+    from agent.daemon.config import load_config
+    from agent.daemon.agent import run_agent
+    from agent.observe.logs import configure_logging
 
     overrides: dict[str, Any] = {}
     for flag, key in (("name", "agent.name"), ("listen", "agent.listen"), ("control", "agent.control"),
@@ -206,7 +206,7 @@ def _run_agent(ns) -> int:
 
 
 def _client(ns):
-    from .control import ControlClient
+    from agent.control.server import ControlClient
 
     if not ns.agent:
         raise AgentError("no agent given: use --agent SOCKET or set LIVEMIG_AGENT")
@@ -239,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         if ns.cmd == "agent":
             return _run_agent(ns)
         if ns.cmd == "demo":
-            from .demo import run_demo
+            from agent.cli.demo import run_demo
             return run_demo()
         if ns.cmd == "bench":
-            from .bench import main as bench_main
+            from agent.bench.bench import main as bench_main
             return bench_main([*extra, *ns.args])      # bench parses its own options
         cl = _client(ns)
         if ns.cmd == "vm":
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         if ns.cmd == "report":
             r = cl.call("job.show", id=ns.id)
             if ns.svg:
-                from .svgreport import write_svg
+                from agent.observe.svgreport import write_svg
                 write_svg(r, ns.svg)
                 _out(ns, {"svg": ns.svg, "id": r["id"]}, f"wrote {ns.svg}")
             else:

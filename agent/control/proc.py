@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 
-from .control import ControlClient
-from .errors import AgentError
+from agent.control.server import ControlClient
+from agent.errors import AgentError
 
 READY_POLL_S = 0.01
 

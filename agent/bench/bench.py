@@ -6,7 +6,7 @@ Every run of every scenario starts two fresh agents (``AgentProcess``) on
 127.0.0.1 with a shm prefix of its own, migrates A -> B, and cleans up in
 ``finally`` (cancel, delete VMs, stop agents, reap leftovers by PID, remove
 the work dir) even when something fails. The raw-TCP baseline
-(``agent.rawtcp``) is measured in the same run, first. What each scenario
+(``agent.bench.rawtcp``) is measured in the same run, first. What each scenario
 measures and why: ``docs/BENCHMARK.md``.
 
 Output: a table on stdout (or one JSON document with ``--json``), and
@@ -42,9 +42,9 @@ from typing import Any, Callable
 
 import psutil
 
-from . import rawtcp
-from .errors import AgentError
-from .proc import AgentProcess, wait_for
+from agent.bench import rawtcp
+from agent.errors import AgentError
+from agent.control.proc import AgentProcess, wait_for
 
 GiB = 1 << 30
 MiB = 1 << 20

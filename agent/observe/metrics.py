@@ -238,7 +238,7 @@ GaugeSource = Callable[[], Mapping[str, float]]
 
 
 def host_gauges(host) -> dict[str, int]:
-    """Scrape-time gauges from an ``agent.host.Host`` (duck-typed: ``jobs``, ``registry``).
+    """Scrape-time gauges from an ``agent.daemon.host.Host`` (duck-typed: ``jobs``, ``registry``).
 
     ``queue_depth``: outbound jobs waiting for a live-migration slot;
     ``running``: jobs (both directions) past the queue and not finished;

@@ -5,11 +5,11 @@ import asyncio
 
 from protocol import MigrationSession, Role
 
-from .config import parse_hostport
-from .destination import DestinationMigration
-from .host import Host
-from .logs import get_logger
-from .transport import FrameProtocol
+from agent.daemon.config import parse_hostport
+from agent.migration.destination import DestinationMigration
+from agent.daemon.host import Host
+from agent.observe.logs import get_logger
+from agent.net.transport import FrameProtocol
 
 log = get_logger("livemig.endpoint")
 

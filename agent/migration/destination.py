@@ -53,16 +53,16 @@ from protocol import (
     Capabilities,
 )
 
-from .config import NAME_RE
-from .errors import AdmissionRefused, AgentError, PeerError, PeerLost, VmError
-from .host import Host
-from .jobs import Job
-from .logs import get_logger
-from .peer import AUTH_FEATURE
-from .phases import MigrationPhase as P
-from .verify import ReceiveDigests, digest_chunk_pages
-from .transport import FrameProtocol
-from .vm import Vm, VmRecord, check_workload
+from agent.daemon.config import NAME_RE
+from agent.errors import AdmissionRefused, AgentError, PeerError, PeerLost, VmError
+from agent.daemon.host import Host
+from agent.migration.jobs import Job
+from agent.observe.logs import get_logger
+from agent.net.peer import AUTH_FEATURE
+from agent.migration.phases import MigrationPhase as P
+from agent.migration.verify import ReceiveDigests, digest_chunk_pages
+from agent.net.transport import FrameProtocol
+from agent.daemon.vm import Vm, VmRecord, check_workload
 
 log = get_logger("livemig.destination")
 

@@ -12,8 +12,8 @@ import json
 import os
 from typing import Any, Awaitable, Callable
 
-from .errors import AgentError
-from .logs import get_logger
+from agent.errors import AgentError
+from agent.observe.logs import get_logger
 
 log = get_logger("livemig.control")
 

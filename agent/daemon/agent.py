@@ -22,20 +22,20 @@ import psutil
 
 from memstore import DirtyMap, GuestRam, SegmentError, parse_size
 
-from . import sdnotify
-from .config import AgentConfig, NAME_RE, parse_hostport
-from .control import ControlServer
-from .endpoint import MigrationEndpoint
-from .errors import AgentError, VmError
-from .host import Host
-from .jobs import Job
-from .heat import HEAT_PERIOD_S
-from .logs import get_logger
-from .metrics import AgentMetrics, MetricsServer, host_gauges
-from .phases import MigrationPhase, is_cancellable
-from .registry import VmRegistry
-from .outbound import run_outbound
-from .vm import Vm, VmRecord, check_workload
+from agent.observe import sdnotify
+from agent.daemon.config import AgentConfig, NAME_RE, parse_hostport
+from agent.control.server import ControlServer
+from agent.net.endpoint import MigrationEndpoint
+from agent.errors import AgentError, VmError
+from agent.daemon.host import Host
+from agent.migration.jobs import Job
+from agent.migration.heat import HEAT_PERIOD_S
+from agent.observe.logs import get_logger
+from agent.observe.metrics import AgentMetrics, MetricsServer, host_gauges
+from agent.migration.phases import MigrationPhase, is_cancellable
+from agent.daemon.registry import VmRegistry
+from agent.migration.outbound import run_outbound
+from agent.daemon.vm import Vm, VmRecord, check_workload
 
 log = get_logger("livemig.agent")
 

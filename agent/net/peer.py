@@ -15,9 +15,9 @@ from protocol import (
     make_nonce,
 )
 
-from .errors import PeerError
-from .host import Host
-from .transport import FrameProtocol, connect
+from agent.errors import PeerError
+from agent.daemon.host import Host
+from agent.net.transport import FrameProtocol, connect
 
 AUTH_FEATURE = "auth-hmac-sha256"
 

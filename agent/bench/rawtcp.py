@@ -20,7 +20,7 @@ The two buffers are ``/dev/shm/<prefix>-tcp-src`` and ``-tcp-dst`` (the
 caller's unique prefix) and are unlinked in ``finally``. Children are
 tracked by PID and killed if they outlive a run.
 
-``python -m agent.rawtcp [--mib N] [--runs N]`` runs it alone.
+``python -m agent.bench.rawtcp [--mib N] [--runs N]`` runs it alone.
 """
 from __future__ import annotations
 
@@ -277,7 +277,7 @@ def measure(nbytes: int = GiB, runs: int = 3, *, prefix: str | None = None, log=
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m agent.rawtcp", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m agent.bench.rawtcp", description=__doc__.split("\n")[0])
     p.add_argument("--mib", type=int, default=1024, help="bytes per transfer, MiB (default 1024)")
     p.add_argument("--runs", type=int, default=5)
     ns = p.parse_args(argv)

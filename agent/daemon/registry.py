@@ -26,9 +26,9 @@ import psutil
 
 from memstore import Cmd, GuestRam, is_guest_process, list_segments, unlink_segment
 
-from .errors import VmError
-from .logs import get_logger
-from .vm import Vm, VmRecord
+from agent.errors import VmError
+from agent.observe.logs import get_logger
+from agent.daemon.vm import Vm, VmRecord
 
 log = get_logger("livemig.registry")
 

@@ -6,9 +6,9 @@ import shutil
 import tempfile
 import time
 
-from .cli import format_report
-from .errors import AgentError
-from .proc import AgentProcess
+from agent.cli.main import format_report
+from agent.errors import AgentError
+from agent.control.proc import AgentProcess
 
 VM = "demo-vm"
 MEMORY = "256M"

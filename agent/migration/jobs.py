@@ -5,8 +5,8 @@ import asyncio
 import secrets
 import time
 
-from .phases import FINAL, MigrationPhase, PhaseTracker
-from .stats import MigrationStats
+from agent.migration.phases import FINAL, MigrationPhase, PhaseTracker
+from agent.migration.stats import MigrationStats
 
 MAX_FINISHED_JOBS = 1000
 

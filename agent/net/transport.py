@@ -44,7 +44,7 @@ from protocol import (
     parse_prefix,
 )
 
-from .errors import PeerError, PeerLost
+from agent.errors import PeerError, PeerLost
 
 INBOX_LIMIT = 256               # messages queued before reading pauses
 LINGER_S = 1.0                  # after answering a bad peer, drain its input this long before closing
