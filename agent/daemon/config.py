@@ -59,13 +59,24 @@ class MigrationSection:
     guest_ack_timeout_s: float = 5.0
     resolve_timeout_s: float = 30.0      # in-doubt resolution window after Resume was sent
     auth_key_file: str = ""              # shared secret: both agents must use the same key
+    verify: str = "incremental"          # incremental | full: how memory is proven equal before resume
+    switchover_timeout_ms: int = 0       # pause deadline; 0 = max(1000, 4 x downtime_target_ms)
+    guest_heartbeat_timeout_s: float = 5.0   # a running guest whose heartbeat stops this long is dead
 
     def __post_init__(self) -> None:
+        _check(self.verify in ("incremental", "full"), "migration.verify: incremental or full")
+        _check(0 <= self.switchover_timeout_ms <= 3_600_000, "migration.switchover_timeout_ms: 0..3600000")
+        _check(self.guest_heartbeat_timeout_s > 0, "migration.guest_heartbeat_timeout_s: must be > 0")
         _check(1 <= self.downtime_target_ms <= 60_000, "migration.downtime_target_ms: 1..60000")
         _check(1 <= self.max_rounds <= 1000, "migration.max_rounds: 1..1000")
         _check(self.max_bandwidth_mibps >= 0, "migration.max_bandwidth_mibps: >= 0")
         for k in ("handshake_timeout_s", "io_timeout_s", "guest_ack_timeout_s", "resolve_timeout_s"):
             _check(getattr(self, k) > 0, f"migration.{k}: must be > 0")
+
+    def switchover_deadline_s(self, downtime_target_ms: int) -> float:
+        """How long a paused guest may wait for the switchover before it resumes here."""
+        ms = self.switchover_timeout_ms or max(1000, 4 * downtime_target_ms)
+        return ms / 1000.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,10 +34,16 @@ class VmRecord:
     memory_bytes: int
     workload: str
     segment: str
-    state: str = "running"            # running | paused | incoming
+    state: str = "running"            # running | paused | incoming | broken
     guest_pid: int = 0
     migration_id: str = ""            # last inbound migration that brought it here
     created_at: float = field(default_factory=time.time)
+    # The outbound migration that owns the VM, saved before the pause so that a
+    # restarted agent can ask the destination how it ended:
+    # {"id": job id, "peer": "HOST:PORT", "phase": phase value} or None.
+    outbound: dict | None = None
+    guest_restarts: int = 0
+    broken_reason: str = ""
 
 
 class Vm:
