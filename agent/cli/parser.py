@@ -1,0 +1,181 @@
+"""The ``livemig`` argument parser: every command, its options with their help, and the exit codes.
+
+Each sub-command carries its handler (``set_defaults(func=...)``, commands.py /
+agentcmd.py), so ``main`` only parses and calls ``ns.func(ns)``. Option values
+are checked here (a bad value is a usage error, exit 2), and parse errors are
+raised as ``UsageError`` instead of argparse's print-usage-and-exit, so main
+reports them like every other error (one line, or JSON with --json).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+from typing import Callable
+
+from agent.cli import agentcmd, commands as c
+from agent.cli.exits import EXIT_CODES_HELP, UsageError
+
+VERIFY_MODES = ("incremental", "full")
+
+
+class LivemigParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are raised (``UsageError``), not printed with sys.exit(2)."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        command = self.prog.partition(" ")[2]          # "livemig vm create" -> "vm create"
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see '{self.prog} --help')")
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("livemig")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (package not installed)"
+
+
+def _command(sub, name: str, func, help_text: str, **kw) -> LivemigParser:
+    p = sub.add_parser(name, help=help_text, description=help_text, epilog=EXIT_CODES_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    if func is not None:            # a group (vm, config) takes its handler from its sub-command
+        p.set_defaults(func=func)
+    return p
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help='print the result as JSON; an error as {"error": ..., "code": N} on stdout')
+
+
+def _add_agent(sub) -> None:
+    a = _command(sub, "agent", agentcmd.cmd_agent, "run an agent in the foreground until SIGTERM/SIGINT")
+    a.add_argument("--name", help="agent name, used in segment names and reports (e.g. --name host-a)")
+    a.add_argument("--listen", metavar="HOST:PORT", help="migration endpoint, port 0 = ephemeral (e.g. 0.0.0.0:7700)")
+    a.add_argument("--control", metavar="PATH", help="control socket path (e.g. /run/livemig/agent.sock)")
+    a.add_argument("--data-dir", metavar="DIR", help="VM records and guest logs (e.g. /var/lib/livemig)")
+    a.add_argument("--config", metavar="FILE", help="TOML config file; flags and --set override it")
+    a.add_argument("--max-live-migrations", type=int_at_least(1), metavar="N",
+                   help="live migrations at once, inbound and outbound together (e.g. 4)")
+    a.add_argument("--shm-prefix", metavar="PREFIX", help="prefix of this agent's /dev/shm segments")
+    a.add_argument("--downtime-ms", type=int_at_least(1), metavar="MS", help="default downtime target (e.g. 300)")
+    a.add_argument("--log-format", choices=("auto", "json", "console"), help="log format (auto: console on a TTY)")
+    a.add_argument("--log-level", choices=("debug", "info", "warning", "error"), help="lowest level logged")
+    a.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    a.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key, repeatable (e.g. --set limits.max_guest_memory_mib=4096)")
+
+
+def _add_vm(sub) -> None:
+    vm = _command(sub, "vm", None, "manage VMs").add_subparsers(dest="vmcmd", required=True, metavar="COMMAND")
+    cr = _command(vm, "create", c.cmd_vm_create, "create a VM and start its guest")
+    cr.add_argument("name", help="VM name: 1-64 of A-Z a-z 0-9 _ -")
+    cr.add_argument("--memory", default="256M", help="guest RAM size (default 256M; e.g. 1G)")
+    cr.add_argument("--workload", default="idle", help="guest workload (default idle; e.g. uniform:rate=5000)")
+    cr.add_argument("--prefill", choices=("none", "random"), default="none",
+                    help="fill guest RAM before the guest starts (random = incompressible, no zero pages)")
+    for name, func, help_text in (("list", c.cmd_vm_list, "list the VMs on this agent"),
+                                  ("show", c.cmd_vm_show, "one VM's state and counters"),
+                                  ("delete", c.cmd_vm_delete, "stop a VM's guest and remove it"),
+                                  ("pause", c.cmd_vm_pause, "pause a VM's guest (it keeps its memory)"),
+                                  ("start", c.cmd_vm_start, "start the guest of a VM that is not running (e.g. broken)")):
+        p = _command(vm, name, func, help_text)
+        if name != "list":
+            p.add_argument("name", help="VM name")
+        _json(p)
+    rs = _command(vm, "resume", c.cmd_vm_resume, "resume a paused VM")
+    rs.add_argument("name", help="VM name")
+    rs.add_argument("--force", action="store_true",
+                    help="resume even a VM paused by a migration whose outcome is unknown: if the destination "
+                         "runs it too, two copies of the VM run at once")
+    for p in (cr, rs):
+        _json(p)
+
+
+def _add_migration_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", action="store_true", help="wait for the end, print the report; exit 0 only if verified")
+    p.add_argument("--downtime-ms", type=int_at_least(1), metavar="MS",
+                   help="downtime target for this migration, >= 1 (e.g. 50)")
+    p.add_argument("--max-bandwidth", type=int_at_least(0), metavar="MIBPS",
+                   help="bandwidth cap in MiB/s, 0 = unlimited (e.g. 500)")
+    _json(p)
+
+
+def _add_migrate(sub) -> None:
+    m = _command(sub, "migrate", c.cmd_migrate, "live-migrate a VM to another agent")
+    m.add_argument("vm", help="VM name")
+    m.add_argument("--to", required=True, metavar="HOST:PORT", help="destination agent (e.g. 10.0.0.2:7700)")
+    m.add_argument("--priority", type=integer, default=0, help="higher leaves the queue first (default 0; e.g. 10)")
+    m.add_argument("--verify", choices=VERIFY_MODES, default=None,
+                   help="how memory is proven equal: incremental (hashed while pages arrive) or full "
+                        "(all of it hashed again); default: the agent's migration.verify")
+    _add_migration_options(m)
+    dr = _command(sub, "drain", c.cmd_drain, "maintenance: accept no VMs and move every VM to the targets")
+    dr.add_argument("--to", action="append", required=True, metavar="HOST:PORT",
+                    help="a target agent, repeatable (e.g. --to 10.0.0.2:7700 --to 10.0.0.3:7700)")
+    _add_migration_options(dr)
+    _json(_command(sub, "undrain", c.cmd_undrain, "end maintenance: accept inbound VMs again"))
+
+
+def _add_jobs(sub) -> None:
+    j = _command(sub, "jobs", c.cmd_jobs, "migrations of this agent (running and finished)")
+    _json(j)
+    j.add_argument("--watch", action="store_true", help="live progress until every job has ended (Ctrl-C stops)")
+    j.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
+    r = _command(sub, "job", c.cmd_job, "one migration's report")
+    r.add_argument("id", help="job id (from 'livemig jobs')")
+    r.add_argument("--wait", action="store_true", help="wait for the end; exit 0 only if completed and verified")
+    _json(r)
+    rp = _command(sub, "report", c.cmd_report, "one migration's report, or a picture of it (--svg)")
+    rp.add_argument("id", help="job id (from 'livemig jobs')")
+    rp.add_argument("--svg", metavar="FILE", help="write an SVG: rounds, dirty pages, bandwidth, the pause")
+    _json(rp)
+    k = _command(sub, "cancel", c.cmd_cancel, "cancel a migration before commit (the VM stays here)")
+    k.add_argument("id", help="job id (from 'livemig jobs')")
+    _json(k)
+
+
+def _add_misc(sub) -> None:
+    _json(_command(sub, "status", c.cmd_status, "agent status: limits, slots, memory, maintenance"))
+    cf = _command(sub, "config", None, "change a setting at run time")
+    cs = _command(cf.add_subparsers(dest="cfgcmd", required=True, metavar="COMMAND"), "set", c.cmd_config_set,
+                  "set a run-time setting")
+    cs.add_argument("key", help="max-live-migrations or max-storage-migrations")
+    cs.add_argument("value", help="the new value (e.g. 4)")
+    _json(cs)
+    bn = _command(sub, "bench", c.cmd_bench, "the benchmark: real agents, side by side with raw TCP")
+    bn.add_argument("args", nargs=argparse.REMAINDER, help="--quick, --json, --out DIR, --only A,B, --runs N")
+    _command(sub, "demo", c.cmd_demo, "two agents, one VM, one live migration")
+
+
+def build_parser() -> LivemigParser:
+    p = LivemigParser(prog="livemig", description="Live migration of shared-memory VMs between agents.",
+                      epilog=EXIT_CODES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"livemig {package_version()}",
+                   help="print the livemig version and exit")
+    p.add_argument("--agent", default=os.environ.get("LIVEMIG_AGENT"), metavar="SOCKET",
+                   help="control socket of the agent to talk to (default: $LIVEMIG_AGENT)")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for add in (_add_agent, _add_vm, _add_migrate, _add_jobs, _add_misc):
+        add(sub)
+    return p
