@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 
 from protocol import (
+    MIN_PROTOCOL_VERSION,
     PAGE_SIZE,
     PROTOCOL_VERSION,
     Abort,
@@ -27,18 +29,24 @@ from protocol import (
     Resumed,
     RoundAck,
     RoundEnd,
+    SectionState,
     StateTransfer,
     Welcome,
 )
 
 MIGRATION_ID = "mig-0001"
+#: Section names of the example Prepare (ids 0, 1, 2 in this order).
+SECTIONS = ("ram", "disk0", "devices")
+#: The example Prepare's setup blob: one msgpack map per section (opaque to
+#: the protocol, but realistic).
+SETUP = msgpack.packb([{"bytes": 256 * PAGE_SIZE}, {"bytes": 1 << 20}, {}])
 
 
 def make_examples(migration_id: str = MIGRATION_ID) -> dict[MsgType, Message]:
     """One valid instance per MsgType (ids consistent for session tests)."""
     examples: list[Message] = [
         Hello(
-            version_min=1,
+            version_min=MIN_PROTOCOL_VERSION,
             version_max=PROTOCOL_VERSION,
             agent="src-host:7070",
             features=("zero-pages", "digests-xxh3-128"),
@@ -66,10 +74,13 @@ def make_examples(migration_id: str = MIGRATION_ID) -> dict[MsgType, Message]:
             workload="memtouch --rate 10",
             features=(),
             source="10.0.0.1:7070",
-            populated=((0, 16), (100, 156)),
+            sections=SECTIONS,
+            setup=SETUP,
+            verify_mode="incremental",
         ),
         Ready(migration_id=migration_id, prefault_ms=12),
         PageBatch(
+            section=1,
             round=3,
             runs=((0, 2), (10, 1), (2**40, 3)),
             flags=BatchFlags.NONE,
@@ -77,15 +88,16 @@ def make_examples(migration_id: str = MIGRATION_ID) -> dict[MsgType, Message]:
         ),
         RoundEnd(round=3, pages_sent=6, dirty_pages=1),
         StateTransfer(vcpu_state=b"\x00regs\xff", device_state=b""),
-        Digests(chunk_pages=64, digests=bytes(range(32))),
+        Digests(section=2, chunk_pages=64, digests=bytes(range(32))),
         Resume(migration_id=migration_id),
         Resumed(writes=17),
         Commit(migration_id=migration_id),
         Committed(),
         Query(migration_id=migration_id),
-        QueryResult(migration_id=migration_id, state="completed"),
+        QueryResult(migration_id=migration_id, state="running"),
         Abort(code=ErrorCode.CANCELLED, reason="operator cancelled"),
         RoundAck(round=3),
+        SectionState(section=2, data=b"\x00dev-regs\xff"),
     ]
     table = {msg.TYPE: msg for msg in examples}
     assert len(table) == len(examples)
@@ -105,4 +117,4 @@ def example_factory():
 
 @pytest.fixture
 def zero_batch() -> PageBatch:
-    return PageBatch(round=0, runs=((5, 100),), flags=BatchFlags.ZERO, payload_len=0)
+    return PageBatch(section=0, round=0, runs=((5, 100),), flags=BatchFlags.ZERO, payload_len=0)

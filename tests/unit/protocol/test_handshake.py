@@ -14,13 +14,16 @@ from protocol import (
     Agreement,
     Capabilities,
     ErrorCode,
+    FrameDecoder,
     Hello,
     LocalProtocolError,
     NegotiationFailed,
+    Reject,
     Welcome,
     accept_welcome,
     auth_proof,
     check_proof,
+    encode_frame,
     make_nonce,
     negotiate,
 )
@@ -40,6 +43,63 @@ def test_known_features():
 
 def test_own_versions():
     assert 1 <= MIN_PROTOCOL_VERSION <= PROTOCOL_VERSION
+    assert MIN_PROTOCOL_VERSION == PROTOCOL_VERSION == 2  # v2 only: v1 peers are refused
+
+
+#: What this build offers (as the agents build it from the wire constants).
+OURS = Capabilities(
+    version_min=MIN_PROTOCOL_VERSION, version_max=PROTOCOL_VERSION, features=FEATURES, max_live_migrations=4
+)
+
+
+def v1_hello() -> Hello:
+    """A Hello from a v1-only source (the pre-v2 build), as it arrives on the wire."""
+    hello = Hello(version_min=1, version_max=1, agent="old-src:7070", features=("zero-pages",),
+                  max_live_migrations=4, nonce=CN)
+    decoder = FrameDecoder()
+    decoder.receive_data(encode_frame(hello))
+    event = decoder.next_event()
+    assert event == hello and type(event) is Hello  # a v1 Hello still decodes: refusal is negotiation's job
+    return event
+
+
+def test_v1_only_hello_is_refused_naming_both_ranges():
+    with pytest.raises(NegotiationFailed) as info:
+        negotiate(OURS, Capabilities.from_hello(v1_hello()))
+    err = info.value
+    assert err.code is ErrorCode.VERSION_MISMATCH
+    assert "local offers 2" in err.reason and "remote offers 1" in err.reason
+    assert err.reason == "no common protocol version: local offers 2, remote offers 1"
+    # the destination answers with a Reject carrying code and reason
+    reject = Reject(code=err.code, reason=err.reason)
+    assert reject.code is ErrorCode.VERSION_MISMATCH and "remote offers 1" in reject.reason
+
+
+@pytest.mark.parametrize(
+    "lo, hi, agreed",
+    [(1, 2, 2), (2, 2, 2), (1, 5, 2), (2, 3, 2)],
+)
+def test_peers_overlapping_v2_agree_on_v2(lo, hi, agreed):
+    remote = caps(lo, hi, {"zero-pages"})
+    assert negotiate(OURS, remote).version == agreed
+    assert negotiate(remote, OURS).version == agreed
+
+
+def test_v3_only_peer_is_refused_naming_both_ranges():
+    with pytest.raises(NegotiationFailed) as info:
+        negotiate(OURS, caps(3, 4))
+    assert info.value.code is ErrorCode.VERSION_MISMATCH
+    assert "local offers 2" in str(info.value) and "remote offers 3..4" in str(info.value)
+
+
+def test_v1_welcome_is_refused_by_a_v2_source():
+    """Source side: a v1 destination that answered anyway (it picked 1)."""
+    with pytest.raises(NegotiationFailed) as info:
+        accept_welcome(OURS, welcome(version=1, slots=2))
+    err = info.value
+    assert err.code is ErrorCode.VERSION_MISMATCH
+    assert "version 1" in err.reason and "local offers 2" in err.reason
+    assert accept_welcome(OURS, welcome(version=2, slots=2)).version == 2
 
 
 @pytest.mark.parametrize(

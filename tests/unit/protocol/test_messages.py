@@ -4,36 +4,50 @@ from __future__ import annotations
 
 import dataclasses
 
+import msgpack
 import pytest
 
 from protocol import (
+    CLOSED,
+    MAGIC,
     MAX_BATCH_PAGES,
     MAX_BATCH_RUNS,
     MAX_BLOB_BYTES,
     MAX_FEATURES,
+    MAX_SECTIONS,
     MAX_STRING,
     PAGE_SIZE,
+    PREFIX,
+    PREFIX_SIZE,
+    QUERY_STATES,
     REGISTRY,
     U64_MAX,
+    VERIFY_MODES,
     Abort,
     Auth,
     BatchFlags,
     Committed,
     Digests,
     ErrorCode,
+    FrameDecoder,
     Hello,
     LocalProtocolError,
     Message,
     MsgType,
     PageBatch,
     Prepare,
+    QueryResult,
     Ready,
     Reject,
     RemoteProtocolError,
+    SectionState,
     StateTransfer,
     Welcome,
+    encode_frame,
+    parse_prefix,
 )
 from protocol import wire
+import protocol
 
 ALL_TYPES = list(MsgType)
 
@@ -63,8 +77,9 @@ def test_enum_values_are_distinct_ints(enum_cls):
 
 def test_spec_numbering():
     assert MsgType.HELLO == 1 and MsgType.ABORT == 17 and MsgType.ROUND_ACK == 18
+    assert MsgType.SECTION_STATE == 19
     assert ErrorCode.MALFORMED == 1 and ErrorCode.INCOMPATIBLE == 17
-    assert len(MsgType) == 18 and len(ErrorCode) == 17
+    assert len(MsgType) == 19 and len(ErrorCode) == 17
     assert BatchFlags.NONE == 0 and BatchFlags.ZERO == 1
 
 
@@ -75,6 +90,25 @@ def test_limits():
     assert wire.MAX_PAYLOAD_BYTES == 64 * 1024 * 1024
     assert wire.MAX_BATCH_PAGES * PAGE_SIZE <= wire.MAX_PAYLOAD_BYTES
     assert wire.MIN_PROTOCOL_VERSION <= wire.PROTOCOL_VERSION
+
+
+def test_v2_constants():
+    assert wire.PROTOCOL_VERSION == wire.MIN_PROTOCOL_VERSION == 2  # v1 is no longer spoken
+    assert MAX_SECTIONS == 64
+    assert QUERY_STATES == {"running", "discarded", "in-progress", "unknown"}
+    assert VERIFY_MODES == {"incremental", "full"}
+
+
+@pytest.mark.parametrize("name", ["SectionState", "MAX_SECTIONS", "QUERY_STATES", "VERIFY_MODES"])
+def test_v2_names_are_exported(name):
+    assert name in protocol.__all__
+    assert getattr(protocol, name) is getattr(protocol.messages, name)
+
+
+def test_all_exports_resolve():
+    missing = [name for name in protocol.__all__ if not hasattr(protocol, name)]
+    assert not missing
+    assert len(set(protocol.__all__)) == len(protocol.__all__)
 
 
 # -- dataclass shape -----------------------------------------------------------
@@ -117,8 +151,10 @@ def test_tuples_come_back_as_tuples(examples):
 
 
 def test_page_batch_runs_are_flat_on_the_wire():
-    batch = PageBatch(round=1, runs=((3, 2), (9, 1)), flags=BatchFlags.NONE, payload_len=3 * PAGE_SIZE)
-    assert batch.to_body() == {"round": 1, "runs": [3, 2, 9, 1], "flags": 0, "payload_len": 3 * PAGE_SIZE}
+    batch = PageBatch(section=5, round=1, runs=((3, 2), (9, 1)), flags=BatchFlags.NONE, payload_len=3 * PAGE_SIZE)
+    assert batch.to_body() == {
+        "section": 5, "round": 1, "runs": [3, 2, 9, 1], "flags": 0, "payload_len": 3 * PAGE_SIZE
+    }
     assert batch.pages == 3
     assert PageBatch.from_body(batch.to_body()).runs == ((3, 2), (9, 1))
 
@@ -127,7 +163,7 @@ def test_enums_are_normalised_and_sent_as_ints():
     reject = Reject(code=8, reason="x")
     assert reject.code is ErrorCode.AUTH_FAILED
     assert type(reject.to_body()["code"]) is int
-    batch = PageBatch(round=0, runs=((0, 1),), flags=1, payload_len=0)
+    batch = PageBatch(section=0, round=0, runs=((0, 1),), flags=1, payload_len=0)
     assert batch.flags is BatchFlags.ZERO
 
 
@@ -196,19 +232,100 @@ def test_auth_proof_length(proof):
 
 
 PREPARE = dict(
-    migration_id="m", vm="vm", memory_bytes=PAGE_SIZE, workload="", features=(), source="s", populated=()
+    migration_id="m",
+    vm="vm",
+    memory_bytes=PAGE_SIZE,
+    workload="",
+    features=(),
+    source="s",
+    sections=("ram",),
+    setup=msgpack.packb([{}]),
+    verify_mode="full",
 )
 
 
-@pytest.mark.parametrize("populated", [((0, 2),), ((1, 1), (5, 3))])
-def test_prepare_populated_runs_ok(populated):
-    assert Prepare(**{**PREPARE, "memory_bytes": 8 * PAGE_SIZE, "populated": populated}).populated == populated
+def test_prepare_v2_fields_on_the_wire():
+    prepare = Prepare(**{**PREPARE, "sections": ("ram", "disk0"), "setup": b"\x92\x80\x80"})
+    body = prepare.to_body()
+    assert "populated" not in body
+    assert body["sections"] == ("ram", "disk0") and body["setup"] == b"\x92\x80\x80"
+    assert body["verify_mode"] == "full"
+    wire_body = {**body, "sections": list(body["sections"])}  # what msgpack hands us
+    again = Prepare.from_body(wire_body)
+    assert again == prepare and type(again.sections) is tuple
 
 
-@pytest.mark.parametrize("populated", [((0, 9),), ((7, 2),), ((0, 0),), ((-1, 1),), ((0,),), [(0, 1)]])
-def test_prepare_populated_runs_bad(populated):
-    with pytest.raises(LocalProtocolError):
-        Prepare(**{**PREPARE, "memory_bytes": 8 * PAGE_SIZE, "populated": populated})
+def test_prepare_populated_is_gone():
+    with pytest.raises(TypeError):
+        Prepare(**{**PREPARE, "populated": ()})
+    err = _malformed(Prepare, {**Prepare(**PREPARE).to_body(), "populated": []})
+    assert "populated" in str(err)
+    v1_body = {k: v for k, v in Prepare(**PREPARE).to_body().items() if k not in {"sections", "setup", "verify_mode"}}
+    err = _malformed(Prepare, {**v1_body, "populated": [0, 1]})
+    assert "sections" in str(err) and "verify_mode" in str(err)
+
+
+@pytest.mark.parametrize("mode", sorted(VERIFY_MODES))
+def test_prepare_verify_modes_ok(mode):
+    assert Prepare(**{**PREPARE, "verify_mode": mode}).verify_mode == mode
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [("ram",), ("ram", "disk0", "devices"), tuple(f"s{i}" for i in range(MAX_SECTIONS))],
+    ids=["one", "three", "max"],
+)
+def test_prepare_sections_ok(sections):
+    assert Prepare(**{**PREPARE, "sections": sections}).sections == sections
+
+
+@pytest.mark.parametrize("setup", [b"", b"\xc1", b"\x00" * 1000], ids=["empty", "not-msgpack", "long"])
+def test_prepare_setup_is_opaque(setup):
+    """The protocol does not parse the setup blob: each section validates its own."""
+    assert Prepare(**{**PREPARE, "setup": setup}).setup == setup
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"sections": ()},
+        {"sections": ("ram", "ram")},
+        {"sections": ("ram", "disk0", "ram")},
+        {"sections": tuple(f"s{i}" for i in range(MAX_SECTIONS + 1))},
+        {"sections": ["ram"]},
+        {"sections": "ram"},
+        {"sections": ("ram", 1)},
+        {"sections": (b"ram",)},
+        {"setup": "[{}]"},
+        {"setup": bytearray(b"\x91\x80")},
+        {"setup": None},
+        {"verify_mode": "none"},
+        {"verify_mode": ""},
+        {"verify_mode": "Full"},
+        {"verify_mode": "full "},
+        {"verify_mode": b"full"},
+        {"verify_mode": None},
+    ],
+    ids=repr,
+)
+def test_prepare_v2_fields_rejected(changes):
+    with pytest.raises(LocalProtocolError) as info:
+        Prepare(**{**PREPARE, **changes})
+    assert info.value.code is ErrorCode.MALFORMED
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"sections": []}, ("sections",)),
+        ({"sections": ["ram", "ram"]}, ("sections", "distinct")),
+        ({"verify_mode": "sometimes"}, ("verify_mode", "sometimes")),
+    ],
+    ids=repr,
+)
+def test_prepare_v2_fields_malformed_on_the_wire(changes, words):
+    err = _malformed(Prepare, {**Prepare(**PREPARE).to_body(), **changes})
+    assert all(word in str(err) for word in words), str(err)
 
 
 @pytest.mark.parametrize(
@@ -268,23 +385,45 @@ def test_migration_id_checked_everywhere(mid):
 )
 def test_page_batch_rejects(runs, flags, payload_len):
     with pytest.raises(LocalProtocolError):
-        PageBatch(round=0, runs=runs, flags=flags, payload_len=payload_len)
+        PageBatch(section=0, round=0, runs=runs, flags=flags, payload_len=payload_len)
+
+
+@pytest.mark.parametrize("section", [0, 1, MAX_SECTIONS - 1])
+def test_page_batch_section_ok(section):
+    assert PageBatch(section=section, round=0, runs=((0, 1),), flags=BatchFlags.ZERO, payload_len=0).section == section
+
+
+@pytest.mark.parametrize("section", [MAX_SECTIONS, 255, U64_MAX, -1, True, 1.0, "0", None], ids=repr)
+def test_page_batch_section_rejects(section):
+    with pytest.raises(LocalProtocolError) as info:
+        PageBatch(section=section, round=0, runs=((0, 1),), flags=BatchFlags.ZERO, payload_len=0)
+    assert info.value.code is ErrorCode.MALFORMED
+    assert "section" in str(info.value)
+
+
+def test_page_batch_section_out_of_range_on_the_wire():
+    body = PageBatch(section=0, round=0, runs=((0, 1),), flags=BatchFlags.ZERO, payload_len=0).to_body()
+    err = _malformed(PageBatch, {**body, "section": MAX_SECTIONS})
+    assert "section" in str(err) and str(MAX_SECTIONS) in str(err)
+    body.pop("section")
+    assert "section" in str(_malformed(PageBatch, body))  # a v1 body
 
 
 def test_page_batch_limits_inclusive():
     full = PageBatch(
+        section=MAX_SECTIONS - 1,
         round=0,
         runs=tuple((i * 8, 4) for i in range(MAX_BATCH_RUNS)),
         flags=BatchFlags.NONE,
         payload_len=MAX_BATCH_PAGES * PAGE_SIZE,
     )
     assert full.pages == MAX_BATCH_PAGES
-    zero = PageBatch(round=0, runs=((U64_MAX - 1, 1),), flags=BatchFlags.ZERO, payload_len=0)
+    zero = PageBatch(section=0, round=0, runs=((U64_MAX - 1, 1),), flags=BatchFlags.ZERO, payload_len=0)
     assert zero.pages == 1
 
 
 def test_page_batch_pages_not_compared():
-    a = PageBatch(round=0, runs=((0, 2),), flags=BatchFlags.ZERO, payload_len=0)
+    a = PageBatch(section=3, round=0, runs=((0, 2),), flags=BatchFlags.ZERO, payload_len=0)
     assert "_pages" not in repr(a)
     assert a == PageBatch.from_body(a.to_body())
     assert hash(a) == hash(PageBatch.from_body(a.to_body()))
@@ -297,15 +436,150 @@ def test_state_transfer_total_limit():
         StateTransfer(vcpu_state=b"\0" * half, device_state=b"\0" * (MAX_BLOB_BYTES - half + 1))
 
 
-@pytest.mark.parametrize("digests, chunk_pages", [(b"\0" * 15, 1), (b"\0" * 17, 1), (b"", 0)])
-def test_digests_rejects(digests, chunk_pages):
-    with pytest.raises(LocalProtocolError):
-        Digests(chunk_pages=chunk_pages, digests=digests)
+@pytest.mark.parametrize(
+    "section, digests, chunk_pages",
+    [
+        (0, b"\0" * 15, 1),
+        (0, b"\0" * 17, 1),
+        (0, b"", 0),
+        (MAX_SECTIONS, b"\0" * 16, 1),
+        (MAX_SECTIONS + 1, b"", 1),
+        (-1, b"", 1),
+        (True, b"", 1),
+        ("1", b"", 1),
+    ],
+    ids=repr,
+)
+def test_digests_rejects(section, digests, chunk_pages):
+    with pytest.raises(LocalProtocolError) as info:
+        Digests(section=section, chunk_pages=chunk_pages, digests=digests)
+    assert info.value.code is ErrorCode.MALFORMED
 
 
 def test_digests_count():
-    assert Digests(chunk_pages=1, digests=b"\0" * 48).count == 3
-    assert Digests(chunk_pages=1, digests=b"").count == 0
+    assert Digests(section=0, chunk_pages=1, digests=b"\0" * 48).count == 3
+    assert Digests(section=MAX_SECTIONS - 1, chunk_pages=1, digests=b"").count == 0
+
+
+def test_digests_section_on_the_wire():
+    digests = Digests(section=7, chunk_pages=16, digests=b"\x01" * 32)
+    assert digests.to_body() == {"section": 7, "chunk_pages": 16, "digests": b"\x01" * 32}
+    assert Digests.from_body(digests.to_body()) == digests
+    assert Digests.from_body(digests.to_body()) != Digests(section=8, chunk_pages=16, digests=b"\x01" * 32)
+    err = _malformed(Digests, {**digests.to_body(), "section": MAX_SECTIONS})
+    assert "section" in str(err)
+
+
+# -- SectionState (new in v2) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "section, data",
+    [(0, b""), (2, b"\x00regs\xff"), (MAX_SECTIONS - 1, b"\xaa" * 4096), (0, b"\0" * MAX_BLOB_BYTES)],
+    ids=["empty", "small", "last-section", "max-blob"],
+)
+def test_section_state_round_trip(section, data):
+    msg = SectionState(section=section, data=data)
+    assert msg.TYPE is MsgType.SECTION_STATE and REGISTRY[MsgType.SECTION_STATE] is SectionState
+    assert msg.to_body() == {"section": section, "data": data}
+    assert SectionState.from_body(msg.to_body()) == msg
+    # and through a real frame: the data travels in the msgpack body, no payload
+    frame = encode_frame(msg)
+    prefix = parse_prefix(frame[:PREFIX_SIZE])
+    assert prefix.type is MsgType.SECTION_STATE and prefix.payload_len == 0
+    decoder = FrameDecoder()
+    decoder.receive_data(frame)
+    decoder.receive_data(b"")
+    assert decoder.next_event() == msg
+    assert decoder.next_event() is CLOSED
+
+
+@pytest.mark.parametrize(
+    "section, data",
+    [
+        (MAX_SECTIONS, b""),
+        (MAX_SECTIONS + 1, b"x"),
+        (255, b"x"),
+        (-1, b"x"),
+        (U64_MAX + 1, b"x"),
+        (True, b"x"),
+        (0.0, b"x"),
+        ("0", b"x"),
+        (0, "regs"),
+        (0, bytearray(b"regs")),
+        (0, memoryview(b"regs")),
+        (0, [1, 2]),
+        (0, None),
+        (0, 7),
+        (0, b"\0" * (MAX_BLOB_BYTES + 1)),
+    ],
+    ids=lambda v: repr(v)[:24],
+)
+def test_section_state_rejects(section, data):
+    with pytest.raises(LocalProtocolError) as info:
+        SectionState(section=section, data=data)
+    assert info.value.code is ErrorCode.MALFORMED
+    assert "SectionState" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "body, word",
+    [
+        ({"section": MAX_SECTIONS, "data": b""}, "section"),
+        ({"section": 0, "data": "regs"}, "data"),
+        ({"section": 0}, "data"),
+        ({"data": b""}, "section"),
+        ({"section": 0, "data": b"", "vcpu": b""}, "vcpu"),
+    ],
+    ids=repr,
+)
+def test_section_state_malformed_on_the_wire(body, word):
+    assert word in str(_malformed(SectionState, body))
+
+
+# -- QueryResult states (closed set since v2) --------------------------------------
+
+
+@pytest.mark.parametrize("state", sorted(QUERY_STATES))
+def test_query_result_states_ok(state):
+    msg = QueryResult(migration_id="m", state=state)
+    assert QueryResult.from_body(msg.to_body()) == msg
+
+
+@pytest.mark.parametrize("state", ["completed", "verifying", "", "Running", "running ", "UNKNOWN"])
+def test_query_result_state_outside_the_set(state):
+    with pytest.raises(LocalProtocolError) as info:
+        QueryResult(migration_id="m", state=state)
+    assert info.value.code is ErrorCode.MALFORMED
+    err = _malformed(QueryResult, {"migration_id": "m", "state": state})
+    assert "state" in str(err)
+
+
+def _raw_frame(msg_type: MsgType, body: dict) -> bytes:
+    packed = msgpack.packb(body)
+    return PREFIX.pack(MAGIC, msg_type, 0, len(packed), 0) + packed
+
+
+@pytest.mark.parametrize(
+    "msg_type, body",
+    [
+        (MsgType.QUERY_RESULT, {"migration_id": "m", "state": "completed"}),
+        (MsgType.SECTION_STATE, {"section": MAX_SECTIONS, "data": b""}),
+        (MsgType.DIGESTS, {"section": MAX_SECTIONS, "chunk_pages": 1, "digests": b""}),
+    ],
+    ids=lambda v: getattr(v, "name", "body"),
+)
+def test_invalid_v2_values_are_malformed_when_decoding_a_frame(msg_type, body):
+    """The whole input path (FrameDecoder), not only from_body."""
+    good = {**body, "state": "unknown"} if msg_type is MsgType.QUERY_RESULT else {**body, "section": 0}
+    decoder = FrameDecoder()
+    decoder.receive_data(_raw_frame(msg_type, good))
+    assert type(decoder.next_event()) is REGISTRY[msg_type]  # the frame itself is well formed
+    decoder = FrameDecoder()
+    decoder.receive_data(_raw_frame(msg_type, body))
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_event()
+    assert info.value.code is ErrorCode.MALFORMED
 
 
 @pytest.mark.parametrize("code", [0, 18, -1, True, "MALFORMED", None])
@@ -376,7 +650,7 @@ def test_bool_is_not_an_int():
     body = Ready(migration_id="m", prefault_ms=1).to_body()
     body["prefault_ms"] = True
     _malformed(Ready, body)
-    body = PageBatch(round=0, runs=((0, 1),), flags=BatchFlags.ZERO, payload_len=0).to_body()
+    body = PageBatch(section=0, round=0, runs=((0, 1),), flags=BatchFlags.ZERO, payload_len=0).to_body()
     body["runs"] = [0, True]
     _malformed(PageBatch, body)
 
@@ -387,12 +661,13 @@ def test_bytes_keys_are_unknown():
 
 @pytest.mark.parametrize("runs", [[], [1], [0, 1, 2], [[0, 1]], [0, -1], "0,1"], ids=repr)
 def test_page_batch_bad_wire_runs(runs):
-    _malformed(PageBatch, {"round": 0, "runs": runs, "flags": 1, "payload_len": 0})
+    err = _malformed(PageBatch, {"section": 0, "round": 0, "runs": runs, "flags": 1, "payload_len": 0})
+    assert "runs" in str(err)
 
 
 def test_page_batch_too_many_runs_on_wire():
     runs = [0, 1] * (MAX_BATCH_RUNS + 1)
-    err = _malformed(PageBatch, {"round": 0, "runs": runs, "flags": 1, "payload_len": 0})
+    err = _malformed(PageBatch, {"section": 0, "round": 0, "runs": runs, "flags": 1, "payload_len": 0})
     assert str(MAX_BATCH_RUNS) in str(err)
 
 

@@ -82,3 +82,16 @@ def test_urandom_only_in_make_nonce():
             if isinstance(func, ast.FunctionDef):
                 uses = any(isinstance(n, ast.Attribute) and n.attr == "urandom" for n in ast.walk(func))
                 assert not uses or func.name == "make_nonce", f"{path.name}:{func.name}"
+
+
+def test_only_framing_touches_msgpack():
+    """Blobs stay opaque: messages validate ``Prepare.setup``/``SectionState.data``
+    as bytes and never unpack them (each section parses its own)."""
+    users = set()
+    for path in sorted(PACKAGE_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "msgpack" for a in node.names):
+                users.add(path.name)
+            elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("msgpack"):
+                users.add(path.name)
+    assert users == {"framing.py"}

@@ -12,6 +12,7 @@ from protocol import (
     Auth,
     BatchFlags,
     CLOSED,
+    Digests,
     ErrorCode,
     FrameDecoder,
     LocalProtocolError,
@@ -24,7 +25,9 @@ from protocol import (
     Reject,
     RemoteProtocolError,
     Role,
+    RoundAck,
     RoundEnd,
+    SectionState,
     SessionState,
     encode_frame,
 )
@@ -82,11 +85,13 @@ SENDER = {
     MsgType.QUERY: S,
     MsgType.QUERY_RESULT: D,
     MsgType.ROUND_ACK: D,
+    MsgType.SECTION_STATE: S,
 }
 
 _T = MsgType
 _HANDSHAKE = [_T.HELLO, _T.WELCOME]
-_MIGRATE = [*_HANDSHAKE, _T.PREPARE, _T.READY, _T.STATE_TRANSFER, _T.RESUME, _T.RESUMED, _T.DIGESTS, _T.COMMIT]
+#: protocol v2: the digests come before Resume (verification before resume)
+_MIGRATE = [*_HANDSHAKE, _T.PREPARE, _T.READY, _T.STATE_TRANSFER, _T.DIGESTS, _T.RESUME, _T.RESUMED, _T.COMMIT]
 #: state -> (auth_required, message types leading there)
 PATHS = {
     St.HELLO: (False, []),
@@ -96,9 +101,8 @@ PATHS = {
     St.QUERYING: (False, [*_HANDSHAKE, _T.QUERY]),
     St.PREPARING: (False, _MIGRATE[:3]),
     St.TRANSFER: (False, _MIGRATE[:4]),
-    St.SWITCHOVER: (False, _MIGRATE[:5]),
-    St.RESUMING: (False, _MIGRATE[:6]),
-    St.VERIFYING: (False, _MIGRATE[:7]),
+    St.SWITCHOVER: (False, _MIGRATE[:5]),  # StateTransfer sent, no Digests yet
+    St.RESUMING: (False, _MIGRATE[:7]),
     St.COMMITTING: (False, _MIGRATE[:8]),
     St.COMMIT_SENT: (False, _MIGRATE),
     St.CLOSED: (False, [*_MIGRATE, _T.COMMITTED]),
@@ -113,6 +117,26 @@ def drive(state: SessionState, examples) -> Pair:
         pair.send(SENDER[msg_type], msg, b"\0" * getattr(msg, "payload_len", 0))
     assert pair.state is state
     return pair
+
+
+def expect_unexpected(pair: Pair, sender: Role, msg: Message, state: SessionState) -> None:
+    """``msg`` from ``sender`` is refused (UNEXPECTED) on both ends, which then stay in ERROR."""
+    assert pair.state is state
+    with pytest.raises(LocalProtocolError) as local:
+        pair.sessions[sender].send(msg)
+    assert local.value.code is ErrorCode.UNEXPECTED
+    assert type(msg).__name__ in str(local.value) and state.name in str(local.value)
+    with pytest.raises(RemoteProtocolError) as remote:
+        pair.sessions[sender.peer].receive(msg)
+    assert remote.value.code is ErrorCode.UNEXPECTED
+    for session in pair.sessions.values():
+        assert session.state is St.ERROR
+        with pytest.raises(LocalProtocolError):
+            session.send(Abort(code=ErrorCode.INTERNAL, reason="x"))
+        with pytest.raises(RemoteProtocolError):
+            session.receive(Abort(code=ErrorCode.INTERNAL, reason="x"))
+        assert session.state is St.ERROR
+
 
 
 # -- the table ----------------------------------------------------------------
@@ -139,6 +163,48 @@ def test_abortable_states():
     assert ABORTABLE_STATES == set(SessionState) - {St.HELLO, St.WELCOME, St.CLOSED, St.ERROR}
 
 
+def test_verifying_state_is_gone():
+    """v2 verifies before resume: there is no state after Resumed but COMMITTING."""
+    assert "VERIFYING" not in SessionState.__members__
+    assert "verifying" not in {state.value for state in SessionState}
+
+
+#: Every non-Abort move of protocol v2, written out independently of the
+#: table under test (S = source sends, D = destination sends).
+V2_MOVES = {
+    (S, St.HELLO, _T.HELLO): St.WELCOME,
+    (D, St.WELCOME, _T.WELCOME): St.AUTH,
+    (D, St.WELCOME, _T.REJECT): St.CLOSED,
+    (S, St.AUTH, _T.AUTH): St.IDLE,
+    (D, St.IDLE, _T.REJECT): St.CLOSED,
+    (S, St.IDLE, _T.QUERY): St.QUERYING,
+    (D, St.QUERYING, _T.QUERY_RESULT): St.CLOSED,
+    (D, St.QUERYING, _T.REJECT): St.CLOSED,
+    (S, St.IDLE, _T.PREPARE): St.PREPARING,
+    (D, St.PREPARING, _T.READY): St.TRANSFER,
+    (D, St.PREPARING, _T.REJECT): St.CLOSED,
+    (S, St.TRANSFER, _T.PAGE_BATCH): St.TRANSFER,
+    (S, St.TRANSFER, _T.ROUND_END): St.TRANSFER,
+    (S, St.TRANSFER, _T.SECTION_STATE): St.TRANSFER,
+    (D, St.TRANSFER, _T.ROUND_ACK): St.TRANSFER,
+    (D, St.SWITCHOVER, _T.ROUND_ACK): St.SWITCHOVER,
+    (D, St.RESUMING, _T.ROUND_ACK): St.RESUMING,
+    (S, St.TRANSFER, _T.STATE_TRANSFER): St.SWITCHOVER,
+    (D, St.SWITCHOVER, _T.DIGESTS): St.SWITCHOVER,
+    (S, St.SWITCHOVER, _T.RESUME): St.RESUMING,
+    (D, St.RESUMING, _T.RESUMED): St.COMMITTING,
+    (S, St.COMMITTING, _T.COMMIT): St.COMMIT_SENT,
+    (D, St.COMMIT_SENT, _T.COMMITTED): St.CLOSED,
+}
+
+
+def test_table_is_exactly_the_v2_order():
+    moves = {key: new for key, new in TRANSITIONS.items() if key[2] is not _T.ABORT}
+    assert moves == V2_MOVES
+    aborts = {key: new for key, new in TRANSITIONS.items() if key[2] is _T.ABORT}
+    assert aborts == {(role, state, _T.ABORT): St.CLOSED for role in Role for state in ABORTABLE_STATES}
+
+
 # -- happy paths -----------------------------------------------------------------
 
 
@@ -153,18 +219,85 @@ def test_full_migration(examples, auth):
     assert pair.send(S, examples[_T.PREPARE]) is St.PREPARING
     assert pair.sessions[S].migration_id == pair.sessions[D].migration_id == "mig-0001"
     assert pair.send(D, examples[_T.READY]) is St.TRANSFER
+    sections = examples[_T.PREPARE].sections
     for rnd in range(3):
-        batch = PageBatch(round=rnd, runs=((0, 2), (9, 1)), flags=BatchFlags.NONE, payload_len=3 * PAGE_SIZE)
-        assert pair.send(S, batch, b"\xab" * batch.payload_len) is St.TRANSFER
-        zero = PageBatch(round=rnd, runs=((100, 50),), flags=BatchFlags.ZERO, payload_len=0)
-        assert pair.send(S, zero) is St.TRANSFER
+        for section in range(len(sections)):
+            batch = PageBatch(
+                section=section, round=rnd, runs=((0, 2), (9, 1)), flags=BatchFlags.NONE, payload_len=3 * PAGE_SIZE
+            )
+            assert pair.send(S, batch, b"\xab" * batch.payload_len) is St.TRANSFER
+            zero = PageBatch(section=section, round=rnd, runs=((100, 50),), flags=BatchFlags.ZERO, payload_len=0)
+            assert pair.send(S, zero) is St.TRANSFER
         assert pair.send(S, RoundEnd(round=rnd, pages_sent=53, dirty_pages=3 - rnd)) is St.TRANSFER
+        assert pair.send(D, RoundAck(round=rnd)) is St.TRANSFER
+    # at the pause: each section's own state, then the vCPU state
+    for section in range(len(sections)):
+        assert pair.send(S, SectionState(section=section, data=b"state %d" % section)) is St.TRANSFER
     assert pair.send(S, examples[_T.STATE_TRANSFER]) is St.SWITCHOVER
+    # verification before resume: one Digests per section, guest still paused
+    for section in range(len(sections)):
+        digests = Digests(section=section, chunk_pages=16, digests=bytes([section]) * 32)
+        assert pair.send(D, digests) is St.SWITCHOVER
     assert pair.send(S, examples[_T.RESUME]) is St.RESUMING
-    assert pair.send(D, examples[_T.RESUMED]) is St.VERIFYING
-    assert pair.send(D, examples[_T.DIGESTS]) is St.COMMITTING
+    assert pair.send(D, examples[_T.RESUMED]) is St.COMMITTING
     assert pair.send(S, examples[_T.COMMIT]) is St.COMMIT_SENT
     assert pair.send(D, examples[_T.COMMITTED]) is St.CLOSED
+
+
+def test_resume_without_digests_only_after_state_transfer(examples):
+    """No Digests is not an order error (the source decides when it has
+    verified enough); skipping StateTransfer is."""
+    pair = drive(St.SWITCHOVER, examples)
+    assert pair.send(S, examples[_T.RESUME]) is St.RESUMING
+    assert pair.send(D, examples[_T.RESUMED]) is St.COMMITTING
+
+    pair = drive(St.TRANSFER, examples)
+    expect_unexpected(pair, S, examples[_T.RESUME], St.TRANSFER)
+
+
+def test_late_round_ack_around_the_digests(examples):
+    pair = drive(St.SWITCHOVER, examples)
+    assert pair.send(D, RoundAck(round=7)) is St.SWITCHOVER
+    assert pair.send(D, examples[_T.DIGESTS]) is St.SWITCHOVER
+    assert pair.send(D, RoundAck(round=8)) is St.SWITCHOVER
+    assert pair.send(S, examples[_T.RESUME]) is St.RESUMING
+    assert pair.send(D, RoundAck(round=9)) is St.RESUMING
+    assert pair.send(D, examples[_T.RESUMED]) is St.COMMITTING
+
+
+def test_digests_mismatch_is_aborted_before_resume(examples):
+    """The v2 failure path: the source aborts in SWITCHOVER, no Resume ever."""
+    pair = drive(St.SWITCHOVER, examples)
+    assert pair.send(D, examples[_T.DIGESTS]) is St.SWITCHOVER
+    abort = Abort(code=ErrorCode.VERIFY_FAILED, reason="section 2 chunk 5 differs")
+    assert pair.send(S, abort) is St.CLOSED
+
+
+def _after_digests(examples) -> Pair:
+    pair = drive(St.SWITCHOVER, examples)
+    pair.send(D, examples[_T.DIGESTS])
+    assert pair.state is St.SWITCHOVER
+    return pair
+
+
+def _after_resume(examples) -> Pair:
+    pair = _after_digests(examples)
+    pair.send(S, examples[_T.RESUME])
+    assert pair.state is St.RESUMING
+    return pair
+
+
+def test_resumed_before_resume_is_unexpected(examples):
+    expect_unexpected(_after_digests(examples), D, examples[_T.RESUMED], St.SWITCHOVER)
+    expect_unexpected(drive(St.SWITCHOVER, examples), D, examples[_T.RESUMED], St.SWITCHOVER)
+
+
+def test_digests_after_resume_is_unexpected(examples):
+    expect_unexpected(_after_resume(examples), D, examples[_T.DIGESTS], St.RESUMING)
+
+
+def test_section_state_after_state_transfer_is_unexpected(examples):
+    expect_unexpected(_after_digests(examples), S, examples[_T.SECTION_STATE], St.SWITCHOVER)
 
 
 def test_query_path(examples):
@@ -276,10 +409,21 @@ def test_abort_not_allowed(state, sender, examples):
         (St.PREPARING, S, _T.PAGE_BATCH),  # before Ready
         (St.TRANSFER, D, _T.PAGE_BATCH),  # wrong direction
         (St.TRANSFER, S, _T.RESUME),  # Resume before the vCPU state
+        (St.TRANSFER, D, _T.DIGESTS),  # digests before the pause
+        (St.TRANSFER, D, _T.SECTION_STATE),  # wrong direction
+        (St.PREPARING, S, _T.SECTION_STATE),  # before Ready
         (St.SWITCHOVER, S, _T.PAGE_BATCH),  # pages after StateTransfer
-        (St.VERIFYING, S, _T.COMMIT),  # commit before the digests
+        (St.SWITCHOVER, S, _T.SECTION_STATE),  # section state after StateTransfer
+        (St.SWITCHOVER, S, _T.STATE_TRANSFER),  # StateTransfer twice
+        (St.SWITCHOVER, S, _T.DIGESTS),  # wrong direction
+        (St.SWITCHOVER, D, _T.RESUMED),  # Resumed before Resume
+        (St.TRANSFER, D, _T.RESUMED),  # Resumed before anything
         (St.SWITCHOVER, S, _T.COMMIT),  # commit before resume
+        (St.RESUMING, D, _T.DIGESTS),  # digests after Resume (v1 order)
         (St.RESUMING, S, _T.COMMIT),  # commit before Resumed
+        (St.RESUMING, S, _T.RESUME),  # Resume twice
+        (St.COMMITTING, D, _T.DIGESTS),  # digests after Resumed (v1 order)
+        (St.COMMITTING, D, _T.RESUMED),  # Resumed twice
         (St.COMMITTING, D, _T.COMMITTED),  # Committed before Commit
         (St.COMMIT_SENT, S, _T.COMMIT),  # Commit twice
         (St.QUERYING, S, _T.PREPARE),
@@ -288,22 +432,7 @@ def test_abort_not_allowed(state, sender, examples):
     ids=lambda v: getattr(v, "name", None) or str(v),
 )
 def test_out_of_order(state, sender, msg_type, examples):
-    pair = drive(state, examples)
-    msg = examples[msg_type]
-    with pytest.raises(LocalProtocolError) as local:
-        pair.sessions[sender].send(msg)
-    assert local.value.code is ErrorCode.UNEXPECTED
-    assert type(msg).__name__ in str(local.value) and state.name in str(local.value)
-    with pytest.raises(RemoteProtocolError) as remote:
-        pair.sessions[sender.peer].receive(msg)
-    assert remote.value.code is ErrorCode.UNEXPECTED
-    for session in pair.sessions.values():
-        assert session.state is St.ERROR
-        with pytest.raises(LocalProtocolError):
-            session.send(Abort(code=ErrorCode.INTERNAL, reason="x"))
-        with pytest.raises(RemoteProtocolError):
-            session.receive(Abort(code=ErrorCode.INTERNAL, reason="x"))
-        assert session.state is St.ERROR
+    expect_unexpected(drive(state, examples), sender, examples[msg_type], state)
 
 
 def test_failed_send_produces_no_bytes_and_keeps_error(examples):
@@ -357,9 +486,20 @@ def test_allowed_sets(examples):
     assert source.allowed_to_send() == {_T.HELLO} == dest.allowed_to_receive()
     assert source.allowed_to_receive() == frozenset() == dest.allowed_to_send()
     pair = drive(St.TRANSFER, examples)
-    assert pair.sessions[S].allowed_to_send() == {_T.PAGE_BATCH, _T.ROUND_END, _T.STATE_TRANSFER, _T.ABORT}
+    assert pair.sessions[S].allowed_to_send() == {
+        _T.PAGE_BATCH, _T.ROUND_END, _T.SECTION_STATE, _T.STATE_TRANSFER, _T.ABORT
+    }
     assert pair.sessions[S].allowed_to_receive() == {_T.ROUND_ACK, _T.ABORT}
     assert pair.sessions[D].allowed_to_send() == {_T.ROUND_ACK, _T.ABORT}
+    pair = drive(St.SWITCHOVER, examples)
+    assert pair.sessions[S].allowed_to_send() == {_T.RESUME, _T.ABORT} == pair.sessions[D].allowed_to_receive()
+    assert pair.sessions[D].allowed_to_send() == {_T.DIGESTS, _T.ROUND_ACK, _T.ABORT}
+    pair = drive(St.RESUMING, examples)
+    assert pair.sessions[D].allowed_to_send() == {_T.RESUMED, _T.ROUND_ACK, _T.ABORT}
+    assert pair.sessions[S].allowed_to_send() == {_T.ABORT}
+    pair = drive(St.COMMITTING, examples)
+    assert pair.sessions[S].allowed_to_send() == {_T.COMMIT, _T.ABORT}
+    assert pair.sessions[D].allowed_to_send() == {_T.ABORT}
 
 
 def test_roles_and_repr():
