@@ -98,7 +98,7 @@ def _add_vm(sub) -> None:
                                   ("show", c.cmd_vm_show, "one VM's state and counters"),
                                   ("delete", c.cmd_vm_delete, "stop a VM's guest and remove it"),
                                   ("pause", c.cmd_vm_pause, "pause a VM's guest (it keeps its memory)"),
-                                  ("start", c.cmd_vm_start, "start the guest of a VM that is not running (e.g. broken)")):
+                                  ("start", c.cmd_vm_start, "start a VM whose guest is not running (stopped, or broken)")):
         p = _command(vm, name, func, help_text)
         if name != "list":
             p.add_argument("name", help="VM name")

@@ -145,6 +145,8 @@ def test_vm_pause_resume_start(agents):
     assert r.returncode == 0 and r.stdout.strip() == "vm1: paused", r.stdout + r.stderr
     r = agents.cli(a, "vm", "resume", "vm1", "--force", "--json")
     assert r.returncode == 0 and json.loads(r.stdout)["state"] == "running", r.stdout + r.stderr
+    r = agents.cli(a, "vm", "start", "vm1")                   # its guest runs: nothing to start
+    assert r.returncode == 1 and "runs already" in _one_clear_line(r)
     for cmd in ("pause", "resume", "start"):
         r = agents.cli(a, "vm", cmd, "nosuch")
         assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.startswith("livemig: "), r.stderr
