@@ -24,7 +24,18 @@ Worked example (offsets in bytes, a 1 MiB VM = 256 pages, guest paused)::
       12   96  cmd_seq          agent    5
       13  104  ack_seq          guest    5  (== cmd_seq: command 5 obeyed)
       14  112  workload_len     agent    19
-      --  120  reserved, zero, up to 511
+      15  120  ndisks           agent    2  (disk maps <segment>.d0, .d1; memstore.disk)
+      16  128  disk_cmd         agent    0 (DiskCmd.RUN)
+      17  136  disk_cmd_arg     agent    1  (disk index of a REOPEN)
+      18  144  disk_cmd_seq     agent    3
+      19  152  disk_ack_seq     guest    3  (== disk_cmd_seq: disk command 3 obeyed)
+      20  160  disk_result      guest    0  (errno of the last disk command, 0 = done)
+      21  168  disk_io_state    guest    1 (DiskIoState.RUNNING)
+      22  176  disk_errno       guest    0  (errno of the pwrite that failed the disk IO)
+      23  184  io_writes        guest    4021       \\ vCPU state (disk)
+      24  192  io_cursor        guest    0          /
+      25  200  io_rate_wps      guest    2000 (disk writes/s over ~1 s)
+      --  208  reserved, zero, up to 511
           512  workload spec    agent    b"uniform:rate=20000" (UTF-8, <= 512 bytes)
          1024  reserved, zero, up to 4095
 
@@ -42,7 +53,21 @@ control page". Both processes run on the same host; x86-64 keeps stores in
 program order (TSO), which is what this relies on.
 
 ``workload`` is a variable-length field (length slot + bytes) and is written
-only while no guest runs (segment setup, vCPU state load).
+only while no guest runs (segment setup, vCPU state load). ``ndisks`` is set
+by memstore.disk while no guest runs or while it is paused (a paused guest
+re-reads the disk table when it resumes).
+
+Disk IO commands are a second channel with the same handshake
+(``disk_cmd_arg`` then ``disk_cmd`` then ``disk_cmd_seq``; the guest stores
+``disk_result`` and ``disk_io_state`` before ``disk_ack_seq``), so the agent
+can pause the disks alone while RAM writes go on (a storage move):
+PAUSE (no disk write is in flight once acknowledged), REOPEN disk i at the
+path staged in its map (acknowledged with disk_result 0, or the errno why
+the guest kept the old file), RUN. Issue one disk command at a time and wait
+for its acknowledgement: the guest only sees the newest. A RAM pause stops
+disk writes too (the vCPU is stopped), and a RAM-paused guest still obeys
+disk commands. Segments written before these slots existed read zero
+there: no disks, RUN, no IO.
 """
 
 from __future__ import annotations
@@ -62,6 +87,8 @@ __all__ = [
     "CONTROL_SIZE",
     "Cmd",
     "GuestState",
+    "DiskCmd",
+    "DiskIoState",
     "ControlBlock",
 ]
 
@@ -85,12 +112,25 @@ _HEARTBEAT = 11
 _CMD_SEQ = 12
 _ACK_SEQ = 13
 _WORKLOAD_LEN = 14
+_NDISKS = 15
+_DISK_CMD = 16
+_DISK_CMD_ARG = 17
+_DISK_CMD_SEQ = 18
+_DISK_ACK_SEQ = 19
+_DISK_RESULT = 20
+_DISK_IO_STATE = 21
+_DISK_ERRNO = 22
+_IO_WRITES = 23
+_IO_CURSOR = 24
+_IO_RATE = 25
 
 _WORKLOAD_OFF = 512
 _WORKLOAD_END = _WORKLOAD_OFF + WORKLOAD_SPEC_MAX_BYTES
 
 _U64_MAX = (1 << 64) - 1
 _VCPU_KEYS = frozenset({"writes", "seed", "cursor", "workload"})
+_VCPU_IO_KEYS = frozenset({"io_writes", "io_cursor"})
+MAX_DISKS = 16
 _VCPU_BLOB_MAX_BYTES = 1024
 THROTTLE_MAX_PCT = 99
 
@@ -110,6 +150,23 @@ class GuestState(enum.IntEnum):
     RUNNING = 1
     PAUSED = 2
     STOPPED = 3
+
+
+class DiskCmd(enum.IntEnum):
+    """What the agent asks the guest's disk IO path to do (disk_cmd)."""
+
+    RUN = 0
+    PAUSE = 1
+    REOPEN = 2      # disk_cmd_arg = disk index; new path staged in its map
+
+
+class DiskIoState(enum.IntEnum):
+    """What the guest reports about its disk IO (disk_io_state)."""
+
+    NOT_STARTED = 0
+    RUNNING = 1
+    PAUSED = 2
+    FAILED = 3      # a pwrite failed (disk_errno); no disk writes until a RUN
 
 
 def _u64(name: str, value: int) -> int:
@@ -309,6 +366,123 @@ class ControlBlock:
     def heartbeat_ns(self, value: int) -> None:
         self._q[_HEARTBEAT] = _u64("heartbeat_ns", value)
 
+    # ---- disks --------------------------------------------------------------
+    @property
+    def ndisks(self) -> int:
+        return self._q[_NDISKS]
+
+    @ndisks.setter
+    def ndisks(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_DISKS:
+            raise ValueError(f"ndisks must be an int in 0..{MAX_DISKS}, got {value!r}")
+        self._q[_NDISKS] = value
+
+    @property
+    def disk_cmd(self) -> DiskCmd:
+        raw = self._q[_DISK_CMD]
+        try:
+            return DiskCmd(raw)
+        except ValueError:
+            raise SegmentError(f"control page holds an unknown disk command {raw}") from None
+
+    @property
+    def disk_cmd_arg(self) -> int:
+        return self._q[_DISK_CMD_ARG]
+
+    @property
+    def disk_cmd_seq(self) -> int:
+        return self._q[_DISK_CMD_SEQ]
+
+    def disk_command(self, cmd: DiskCmd, index: int = 0) -> int:
+        """Issue a disk command (agent): store the argument, the command,
+        then bump disk_cmd_seq. Returns the seq; wait for
+        :meth:`disk_acknowledged`, then read :attr:`disk_result`."""
+        cmd = DiskCmd(cmd)
+        self._q[_DISK_CMD_ARG] = _u64("index", index)
+        self._q[_DISK_CMD] = cmd
+        seq = self._q[_DISK_CMD_SEQ] + 1
+        self._q[_DISK_CMD_SEQ] = seq
+        return seq
+
+    def read_disk_command(self) -> tuple[int, DiskCmd, int]:
+        """(disk_cmd_seq, disk_cmd, disk_cmd_arg), seq loaded first (guest side)."""
+        seq = self._q[_DISK_CMD_SEQ]
+        return seq, self.disk_cmd, self._q[_DISK_CMD_ARG]
+
+    @property
+    def disk_ack_seq(self) -> int:
+        return self._q[_DISK_ACK_SEQ]
+
+    @disk_ack_seq.setter
+    def disk_ack_seq(self, value: int) -> None:
+        self._q[_DISK_ACK_SEQ] = _u64("disk_ack_seq", value)
+
+    def disk_acknowledged(self, seq: int) -> bool:
+        """True once the guest has carried out disk command ``seq`` (or a later one)."""
+        return self._q[_DISK_ACK_SEQ] >= seq
+
+    def wait_disk_acknowledged(self, seq: int, timeout_s: float, poll_s: float = 0.0002) -> bool:
+        """Blocking poll of :meth:`disk_acknowledged` for at most ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self._q[_DISK_ACK_SEQ] >= seq:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_s)
+
+    @property
+    def disk_result(self) -> int:
+        return self._q[_DISK_RESULT]
+
+    @disk_result.setter
+    def disk_result(self, value: int) -> None:
+        self._q[_DISK_RESULT] = _u64("disk_result", value)
+
+    @property
+    def disk_io_state(self) -> DiskIoState:
+        raw = self._q[_DISK_IO_STATE]
+        try:
+            return DiskIoState(raw)
+        except ValueError:
+            raise SegmentError(f"control page holds an unknown disk IO state {raw}") from None
+
+    @disk_io_state.setter
+    def disk_io_state(self, value: DiskIoState) -> None:
+        self._q[_DISK_IO_STATE] = DiskIoState(value)
+
+    @property
+    def disk_errno(self) -> int:
+        return self._q[_DISK_ERRNO]
+
+    @disk_errno.setter
+    def disk_errno(self, value: int) -> None:
+        self._q[_DISK_ERRNO] = _u64("disk_errno", value)
+
+    @property
+    def io_writes(self) -> int:
+        return self._q[_IO_WRITES]
+
+    @io_writes.setter
+    def io_writes(self, value: int) -> None:
+        self._q[_IO_WRITES] = _u64("io_writes", value)
+
+    @property
+    def io_cursor(self) -> int:
+        return self._q[_IO_CURSOR]
+
+    @io_cursor.setter
+    def io_cursor(self, value: int) -> None:
+        self._q[_IO_CURSOR] = _u64("io_cursor", value)
+
+    @property
+    def io_rate_wps(self) -> int:
+        return self._q[_IO_RATE]
+
+    @io_rate_wps.setter
+    def io_rate_wps(self, value: int) -> None:
+        self._q[_IO_RATE] = _u64("io_rate_wps", value)
+
     # ---- workload spec ----------------------------------------------------
     @property
     def workload(self) -> str:
@@ -335,7 +509,10 @@ class ControlBlock:
 
     # ---- vCPU state -------------------------------------------------------
     def vcpu_state(self, *, allow_running: bool = False) -> bytes:
-        """msgpack of {"writes", "seed", "cursor", "workload"}.
+        """msgpack of {"writes", "seed", "cursor", "workload"}, plus
+        "io_writes" and "io_cursor" once the guest has written a disk (a VM
+        that never did sends the old four-key blob, which agents from before
+        disks load too).
 
         Only meaningful while the guest is paused or stopped (or was never
         started): a running guest keeps changing writes/cursor. Raises
@@ -344,21 +521,26 @@ class ControlBlock:
         """
         if not allow_running and self._q[_GUEST_STATE] == GuestState.RUNNING:
             raise GuestError("vCPU state requested while the guest is running; pause it first")
-        return msgpack.packb(
-            {
-                "writes": self.writes,
-                "seed": self.seed,
-                "cursor": self.cursor,
-                "workload": self.workload,
-            },
-            use_bin_type=True,
-        )
+        state = {
+            "writes": self.writes,
+            "seed": self.seed,
+            "cursor": self.cursor,
+            "workload": self.workload,
+        }
+        io_writes, io_cursor = self.io_writes, self.io_cursor
+        if io_writes or io_cursor:
+            state["io_writes"] = io_writes
+            state["io_cursor"] = io_cursor
+        return msgpack.packb(state, use_bin_type=True)
 
     def load_vcpu_state(self, blob: bytes) -> None:
         """Install a vCPU state produced by :meth:`vcpu_state` (no guest may
         be running on this segment; a paused one reloads it on resume). Strict: SegmentError on anything but a
-        map with exactly the four keys, u64 ints, a workload spec that parses
-        and fits this segment, and a cursor below npages."""
+        map with exactly the four keys (an old blob: io_writes and io_cursor
+        become 0) or the four plus "io_writes" and "io_cursor", u64 ints, a
+        workload spec that parses and fits this segment, and a cursor below
+        npages. (The disk cursor is taken modulo the disks' working set by
+        the guest; the disks are checked by memstore.disk, not here.)"""
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise SegmentError(f"vCPU state must be bytes, got {type(blob).__name__}")
         if len(blob) > _VCPU_BLOB_MAX_BYTES:
@@ -369,10 +551,13 @@ class ControlBlock:
             )
         except Exception as exc:  # msgpack raises several unrelated types
             raise SegmentError(f"vCPU state is not valid msgpack: {exc}") from exc
-        if not isinstance(state, dict) or set(state) != _VCPU_KEYS:
+        if not isinstance(state, dict) or set(state) not in (_VCPU_KEYS, _VCPU_KEYS | _VCPU_IO_KEYS):
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise SegmentError(f"vCPU state must be a map with keys {sorted(_VCPU_KEYS)}, got {got}")
-        for key in ("writes", "seed", "cursor"):
+            raise SegmentError(f"vCPU state must be a map with keys {sorted(_VCPU_KEYS)} "
+                               f"(and optionally {sorted(_VCPU_IO_KEYS)}), got {got}")
+        state.setdefault("io_writes", 0)
+        state.setdefault("io_cursor", 0)
+        for key in ("writes", "seed", "cursor", "io_writes", "io_cursor"):
             value = state[key]
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _U64_MAX:
                 raise SegmentError(f"vCPU state {key!r} must be a u64, got {value!r}")
@@ -393,3 +578,5 @@ class ControlBlock:
         self.seed = state["seed"]
         self.writes = state["writes"]
         self.cursor = state["cursor"]
+        self.io_writes = state["io_writes"]
+        self.io_cursor = state["io_cursor"]

@@ -31,7 +31,27 @@ and loops in ticks of at most ~1 ms (sleep TICK_S + overshoot):
         dirty[page] = 1                                   (page first, then mark)
 
    then ``writes``/``cursor`` go to the control page.
-4. Sleep TICK_S (0.8 ms) unless more writes are already due.
+4. Disk writes that are due (workload ``io=N``, paced like the RAM writes
+   and throttled by the same percentage; at most IO_BATCH_MAX per tick),
+   spread over the disks by :func:`memstore.workload.disk_write_for`.
+   Each one is a whole block (64 KiB)::
+
+        io_counter += 1
+        disk, block, io_cursor = disk_write_for(workload, ws_blocks, seed, io_counter, io_cursor)
+        block[0:16] = <QQ io_counter, seed ^ (disk << 56) ^ block   (never all zero)
+        block[16 + (io_counter % slots) * 8 : +8] = <Q io_counter, rest a seed pattern
+        pwrite(disk fd, block, block * 64K)
+        disk map dirty[block] = 1                         (data first, then mark)
+
+   then ``io_writes``/``io_cursor`` go to the control page. A failed pwrite
+   (ENOSPC, EIO) marks the block anyway (it may be partly written), stores
+   disk_errno and stops disk IO (disk_io_state FAILED) until a disk RUN; the
+   write is retried then with the same counter. RAM writes go on.
+5. Disk commands (disk_cmd_seq differs from the last one seen), checked
+   every tick, also while RAM-paused: PAUSE / RUN the disk IO, REOPEN disk
+   i at the path staged in its map (see memstore.disk), each acknowledged
+   through disk_result, disk_io_state, disk_ack_seq.
+6. Sleep TICK_S (0.8 ms) unless more writes are already due.
 
 The write loop is :func:`page_for_write` inlined per workload kind (tests
 check that both agree): ~0.4-0.6 us per write. Measured on the 2-vCPU
@@ -53,8 +73,10 @@ already runs on the segment; 4 the segment file was unlinked.
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import stat
 import struct
 import subprocess
 import sys
@@ -63,11 +85,12 @@ from typing import Callable
 
 import psutil
 
-from .control import Cmd, GuestState
-from .errors import GuestError, MemstoreError
+from .control import Cmd, DiskCmd, DiskIoState, GuestState
+from .disk import DiskMap
+from .errors import DiskError, GuestError, MemstoreError
 from .layout import PAGE_SHIFT, PAGE_SIZE
 from .segment import GuestRam, segment_path
-from .workload import Workload, parse_workload, validate_for
+from .workload import Workload, disk_write_for, io_ws_blocks, parse_workload, validate_for
 
 __all__ = [
     "GUEST_MODULE",
@@ -97,6 +120,7 @@ PAUSE_POLL_S = 0.0002
 BATCH_MAX = 512  # writes between two command checks (~0.5 ms)
 CATCHUP_NS = 20_000_000  # backlog beyond this much time is dropped
 RATE_WINDOW_NS = 1_000_000_000
+IO_BATCH_MAX = 64  # disk writes between two command checks (~1-2 ms of pwrite)
 UNLINK_CHECK_NS = 1_000_000_000
 
 _ROTATE_SLOTS = (PAGE_SIZE - 16) // 8  # 510 8-byte slots after the 16-byte header
@@ -245,6 +269,211 @@ def make_writer(
     return write_nothing
 
 
+class _Disk:
+    __slots__ = ("map", "fd", "dirty")
+
+    def __init__(self, dm: DiskMap, fd: int) -> None:
+        self.map, self.fd, self.dirty = dm, fd, dm.dirty
+
+
+def _open_image(path: str, size_bytes: int) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size_bytes:
+            raise DiskError(f"{path} is not a regular file of {size_bytes} bytes", errno=errno.EINVAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _DiskIo:
+    """The guest's disk side: its open images, pacing and disk commands."""
+
+    def __init__(self, gr: GuestRam, workload: Workload, seed: int) -> None:
+        self.gr = gr
+        self.ctl = gr.ctl
+        self.disks: list[_Disk] = []
+        self.open_disks()
+        self.set_workload(workload, seed)
+        self.io_writes = self.ctl.io_writes
+        self.io_cursor = self.ctl.io_cursor
+        self.meas_w0 = self.io_writes
+        self.base_rate = workload.io_wps
+        self.rate = 0
+        self.win_t0 = _now_ns()
+        self.win_done = 0
+        self.cap = IO_BATCH_MAX
+        self.failed = False
+        ctl = self.ctl
+        seq, cmd, _ = ctl.read_disk_command()
+        if ctl.disk_ack_seq >= seq:  # done by an earlier guest on this segment: keep its state
+            self.acked: int | None = seq
+            self.paused = cmd is DiskCmd.PAUSE or (
+                cmd is DiskCmd.REOPEN and ctl.disk_io_state is DiskIoState.PAUSED)
+            ctl.disk_io_state = DiskIoState.PAUSED if self.paused else DiskIoState.RUNNING
+        else:
+            self.acked, self.paused = None, False
+
+    # ---- the disk table ----------------------------------------------------
+    def open_disks(self) -> None:
+        """Open every disk of the control page's table (MemstoreError/OSError
+        if one cannot be opened: the guest does not start without its disks)."""
+        self.close()
+        for i in range(self.ctl.ndisks):
+            dm = DiskMap.attach(self.gr.name, i)
+            try:
+                fd = _open_image(dm.path, dm.size_bytes)
+            except BaseException:
+                dm.close()
+                raise
+            self.disks.append(_Disk(dm, fd))
+        self.bufs: dict[int, tuple[bytearray, memoryview, bytes]] = {}
+
+    def set_workload(self, workload: Workload, seed: int) -> None:
+        self.workload, self.seed = workload, seed
+        self.ws_blocks = io_ws_blocks(workload, [(d.map.size_bytes, d.map.block_size) for d in self.disks])
+        self.base_rate = workload.io_wps
+        self.bufs = {}
+
+    @property
+    def enabled(self) -> bool:
+        """Has the workload disk IO and something to write it to?"""
+        return bool(self.base_rate and self.disks)
+
+    def close(self) -> None:
+        for d in getattr(self, "disks", ()):
+            os.close(d.fd)
+            d.map.close()
+        self.disks = []
+
+    def reload(self, workload: Workload, seed: int) -> None:
+        """On RAM resume: the vCPU state (and perhaps the disk table) may be new."""
+        if self.ctl.ndisks != len(self.disks):
+            self.open_disks()
+        self.set_workload(workload, seed)
+        self.io_writes = self.ctl.io_writes
+        self.io_cursor = self.ctl.io_cursor
+        self.meas_w0 = self.io_writes
+
+    def store(self) -> None:
+        self.ctl.io_writes = self.io_writes
+        self.ctl.io_cursor = self.io_cursor
+
+    # ---- commands ------------------------------------------------------------
+    def poll(self, now: int) -> None:
+        ctl = self.ctl
+        if ctl.disk_cmd_seq == self.acked:
+            return
+        seq, cmd, arg = ctl.read_disk_command()
+        result = 0
+        if cmd is DiskCmd.PAUSE:
+            self.paused = True
+        elif cmd is DiskCmd.RUN:
+            self.paused = self.failed = False
+            ctl.disk_errno = 0
+            self.restart_window(now)
+        else:
+            result = self.reopen(arg)
+        ctl.disk_result = result
+        ctl.disk_io_state = (DiskIoState.FAILED if self.failed else
+                             DiskIoState.PAUSED if self.paused else DiskIoState.RUNNING)
+        ctl.disk_ack_seq = seq
+        self.acked = seq
+
+    def reopen(self, index: int) -> int:
+        """Switch disk ``index`` to its staged path; 0 or the errno why not
+        (the old file is kept then)."""
+        if not 0 <= index < len(self.disks):
+            return errno.EINVAL
+        d = self.disks[index]
+        try:
+            path = d.map.next_path
+            if not path:
+                return errno.ENOENT
+            fd = _open_image(path, d.map.size_bytes)
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        except MemstoreError as exc:
+            return exc.errno or errno.EINVAL
+        old, d.fd = d.fd, fd
+        os.close(old)
+        d.map.commit_path(path)
+        return 0
+
+    # ---- writes --------------------------------------------------------------
+    def restart_window(self, now: int) -> None:
+        self.win_t0, self.win_done = now, 0
+
+    def set_throttle(self, pct: int, now: int) -> None:
+        self.rate = self.base_rate * (100 - min(pct, 99)) // 100
+        self.cap = max(IO_BATCH_MAX, self.rate * CATCHUP_NS // 1_000_000_000)
+        self.restart_window(now)
+
+    def tick(self, now: int) -> bool:
+        """Do the disk writes that are due; True if more are due already."""
+        if self.paused or self.failed or not self.rate:
+            return False
+        due = (now - self.win_t0) * self.rate // 1_000_000_000 - self.win_done
+        if due > self.cap:  # stalled: forget the backlog instead of bursting
+            self.win_done += due - self.cap
+            due = self.cap
+        if due <= 0:
+            return False
+        n = due if due < IO_BATCH_MAX else IO_BATCH_MAX
+        done = self.write(n)
+        self.win_done += n
+        self.store()
+        return due > n and done == n
+
+    def _buf(self, block_size: int) -> tuple[bytearray, memoryview, bytes]:
+        got = self.bufs.get(block_size)
+        if got is None:
+            words = block_size // 8
+            pattern = struct.pack(f"<{words}Q", *(((i * 0x9E3779B97F4A7C15) ^ self.seed) & _M64
+                                                 for i in range(words)))
+            buf = bytearray(pattern)
+            got = self.bufs[block_size] = (buf, memoryview(buf), pattern)
+        return got
+
+    def write(self, n: int) -> int:
+        """Disk writes io_writes+1 .. +n (fewer if a pwrite fails: then
+        FAILED). Returns how many were done."""
+        pack_head = _HEAD.pack_into
+        pack_word = _WORD.pack_into
+        seed, workload, ws_blocks, disks = self.seed, self.workload, self.ws_blocks, self.disks
+        for i in range(n):
+            k = self.io_writes + 1
+            disk, block, cursor = disk_write_for(workload, ws_blocks, seed, k, self.io_cursor)
+            d = disks[disk]
+            bs = d.map.block_size
+            buf, view, pattern = self._buf(bs)
+            slot = 16 + (k % ((bs - 16) // 8)) * 8
+            pack_head(buf, 0, k, seed ^ (disk << 56) ^ block)
+            pack_word(buf, slot, k)
+            off = block * bs
+            try:
+                done = os.pwrite(d.fd, buf, off)
+                while done < bs:
+                    done += os.pwrite(d.fd, view[done:], off + done)
+            except OSError as exc:
+                d.dirty[block] = 1  # perhaps partly written: the copier must look
+                self.failed = True
+                self.ctl.disk_errno = exc.errno or errno.EIO
+                self.ctl.disk_io_state = DiskIoState.FAILED
+                return i
+            finally:
+                buf[slot : slot + 8] = pattern[slot : slot + 8]
+            d.dirty[block] = 1
+            self.io_writes, self.io_cursor = k, cursor
+        return n
+
+
+_HEAD = struct.Struct("<QQ")
+_WORD = struct.Struct("<Q")
+
+
 class _Guest:
     def __init__(self, gr: GuestRam, workload: Workload) -> None:
         self.gr = gr
@@ -254,6 +483,7 @@ class _Guest:
         self.cursor = gr.ctl.cursor % gr.npages
         self.seed = gr.ctl.seed
         self.write = make_writer(workload, gr.npages, self.seed, gr.ram, gr.dirty)
+        self.dio = _DiskIo(gr, workload, self.seed)
         self.acked: int | None = None
         self.signalled = False
         now = _now_ns()
@@ -267,6 +497,7 @@ class _Guest:
     def store(self) -> None:
         self.ctl.writes = self.writes
         self.ctl.cursor = self.cursor
+        self.dio.store()
 
     def ack(self, seq: int) -> None:
         if seq != self.acked:
@@ -278,8 +509,12 @@ class _Guest:
         ctl = self.ctl
         ctl.heartbeat_ns = now
         if now - self.meas_t0 >= RATE_WINDOW_NS:
-            ctl.rate_pps = (self.writes - self.meas_w0) * 1_000_000_000 // (now - self.meas_t0)
-            self.meas_t0, self.meas_w0 = now, self.writes
+            dt = now - self.meas_t0
+            ctl.rate_pps = (self.writes - self.meas_w0) * 1_000_000_000 // dt
+            dio = self.dio
+            ctl.io_rate_wps = (dio.io_writes - dio.meas_w0) * 1_000_000_000 // dt
+            self.meas_t0, self.meas_w0, dio.meas_w0 = now, self.writes, dio.io_writes
+        self.dio.poll(now)
         if now >= self.next_unlink_check:
             self.next_unlink_check = now + UNLINK_CHECK_NS
             if os.fstat(self.gr.fd).st_nlink == 0:
@@ -291,6 +526,7 @@ class _Guest:
     def stop(self, seq: int | None) -> int:
         self.store()
         self.ctl.rate_pps = 0
+        self.ctl.io_rate_wps = 0
         self.ctl.guest_state = GuestState.STOPPED
         if seq is not None:
             self.ack(seq)
@@ -314,12 +550,14 @@ class _Guest:
             validate_for(workload, self.gr.size_bytes)
             self.seed, self.workload = ctl.seed, workload
             self.write = make_writer(workload, self.gr.npages, self.seed, self.gr.ram, self.gr.dirty)
+        self.dio.reload(self.workload, self.seed)
 
     def pause(self, seq: int) -> int | None:
         """Paused until RUN (returns None) or STOP/signal (returns exit code)."""
         ctl = self.ctl
         self.store()
         ctl.rate_pps = 0
+        ctl.io_rate_wps = 0
         ctl.guest_state = GuestState.PAUSED
         self.ack(seq)
         while True:
@@ -343,6 +581,7 @@ class _Guest:
 
     def run(self) -> int:
         ctl = self.ctl
+        dio = self.dio
         write = self.write
         base_rate = self.workload.rate_pps
         last_pct = -1
@@ -350,6 +589,7 @@ class _Guest:
         win_t0 = _now_ns()
         win_done = 0
         cap = BATCH_MAX
+        io = False
         running = False
         while True:
             now = _now_ns()
@@ -377,7 +617,10 @@ class _Guest:
                 rate = base_rate * (100 - min(pct, 99)) // 100
                 cap = max(BATCH_MAX, rate * CATCHUP_NS // 1_000_000_000)
                 win_t0, win_done = now, 0
+                dio.set_throttle(pct, now)
+                io = dio.enabled
             self.ack(seq)
+            more = False
             if rate:
                 due = (now - win_t0) * rate // 1_000_000_000 - win_done
                 if due > cap:  # stalled: forget the backlog instead of bursting
@@ -389,9 +632,11 @@ class _Guest:
                     win_done += n
                     ctl.writes = self.writes
                     ctl.cursor = self.cursor
-                    if due > n:
-                        continue  # more due: check commands, then keep writing
-            time.sleep(TICK_S)
+                    more = due > n
+            if io and dio.tick(now):
+                more = True
+            if not more:  # else: check commands, then keep writing
+                time.sleep(TICK_S)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,11 +662,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"memstore.guest: segment {name!r} already has a guest, pid {other}",
                   file=sys.stderr)
             return EXIT_BUSY
-        guest = _Guest(gr, workload)
+        try:
+            guest = _Guest(gr, workload)
+        except (MemstoreError, OSError) as exc:
+            print(f"memstore.guest: segment {name!r}: cannot open its disks: {exc}", file=sys.stderr)
+            return EXIT_ATTACH
         signal.signal(signal.SIGTERM, guest.on_signal)
         signal.signal(signal.SIGINT, guest.on_signal)
         gr.ctl.guest_pid = os.getpid()
-        return guest.run()
+        try:
+            return guest.run()
+        finally:
+            guest.dio.close()
     except Exception as exc:  # last resort: say why before exiting
         print(f"memstore.guest: segment {name!r}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR

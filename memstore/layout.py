@@ -22,6 +22,7 @@ __all__ = [
     "PAGE_SIZE",
     "PAGE_SHIFT",
     "WORKLOAD_SPEC_MAX_BYTES",
+    "DISK_BLOCK_SIZE",
     "PageRun",
     "pages_for",
     "round_up",
@@ -36,6 +37,11 @@ PAGE_SHIFT = 12
 # (UTF-8). It lives here so that control.py and workload.py agree on it
 # without importing each other.
 WORKLOAD_SPEC_MAX_BYTES = 512
+
+# Disks are tracked, copied and written in blocks of this size (see
+# memstore/disk.py for why 64 KiB). Here so that workload.py can check
+# ``iows`` without importing disk.py.
+DISK_BLOCK_SIZE = 64 * 1024
 
 
 class PageRun(NamedTuple):

@@ -34,9 +34,16 @@ otherwise close() raises SegmentError and the mapping lives on until the last
 view is garbage-collected.
 
 If /dev/shm runs out of space, touching an unbacked page of a mapping kills
-the process with SIGBUS. create() allocates the header pages up front and
-:meth:`GuestRam.prefault` allocates all RAM (raising SegmentError on ENOSPC),
-so call prefault() on segments that will be written by this host.
+the process with SIGBUS. create() allocates the header pages up front,
+:meth:`GuestRam.reserve` allocates RAM pages with ``posix_fallocate`` (no
+page is touched, so a full /dev/shm is a SegmentError with errno ENOSPC and
+a message saying how much was needed and how much is free), and
+:meth:`GuestRam.prefault` reserves before it maps anything. Call reserve()
+or prefault() on segments that will be written by this host.
+
+The directory is /dev/shm unless the environment variable LIVEMIG_SHM_DIR
+names another one (tests use a small tmpfs of their own); :func:`shm_dir`
+is the one place that decides, read on every call.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ from .layout import PAGE_SIZE, pages_for, round_up
 
 __all__ = [
     "SHM_DIR",
+    "SHM_DIR_ENV",
+    "shm_dir",
     "MADV_POPULATE_WRITE",
     "GuestRam",
     "segment_path",
@@ -63,7 +72,8 @@ __all__ = [
     "segment_size_for",
 ]
 
-SHM_DIR = "/dev/shm"
+SHM_DIR = "/dev/shm"              # the default; use shm_dir()
+SHM_DIR_ENV = "LIVEMIG_SHM_DIR"
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not exported by the mmap module in 3.11
 _NAME_MAX = 255
 
@@ -83,9 +93,16 @@ def _check_name(name: str) -> str:
     return name
 
 
+def shm_dir() -> str:
+    """The directory holding the segments: $LIVEMIG_SHM_DIR if set and not
+    empty, else /dev/shm. Read on every call (guests inherit it from the
+    agent through launch_guest's environment)."""
+    return os.environ.get(SHM_DIR_ENV) or SHM_DIR
+
+
 def segment_path(name: str) -> str:
-    """/dev/shm/<name> (ValueError on a name that is not a plain file name)."""
-    return os.path.join(SHM_DIR, _check_name(name))
+    """<shm_dir()>/<name> (ValueError on a name that is not a plain file name)."""
+    return os.path.join(shm_dir(), _check_name(name))
 
 
 def segment_exists(name: str) -> bool:
@@ -93,8 +110,9 @@ def segment_exists(name: str) -> bool:
 
 
 def list_segments(prefix: str) -> list[str]:
-    """Sorted names of the files in /dev/shm that start with ``prefix``."""
-    return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix))
+    """Sorted names of the files in shm_dir() that start with ``prefix``
+    (disk maps, ``<segment>.d<i>``, included: see memstore.disk)."""
+    return sorted(n for n in os.listdir(shm_dir()) if n.startswith(prefix))
 
 
 def unlink_segment(name: str) -> bool:
@@ -115,6 +133,51 @@ def ram_offset_for(npages: int) -> int:
 def segment_size_for(npages: int) -> int:
     """Total file size of a segment holding ``npages`` pages of RAM."""
     return ram_offset_for(npages) + npages * PAGE_SIZE
+
+
+def _human_bytes(n: int) -> str:
+    """1.0 GiB / 12.5 MiB / 512 KiB / 100 B: for error messages."""
+    for unit, mult in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= mult:
+            return f"{n / mult:.1f} {unit}"
+    return f"{n} B"
+
+
+def fs_free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer can still allocate on ``path``'s filesystem."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def reserve_file(fd: int, spans: list[tuple[int, int]], what: str, where: str) -> None:
+    """posix_fallocate each (offset, length) span of ``fd``. On failure a
+    SegmentError with the OS errno and, for ENOSPC, the bytes needed and the
+    bytes free on ``where``'s filesystem. (Also used for disk maps.)"""
+    for off, length in spans:
+        try:
+            os.posix_fallocate(fd, off, length)
+        except OSError as exc:
+            needed = sum(n for _, n in spans)
+            try:
+                free = _human_bytes(fs_free_bytes(where))
+            except OSError:
+                free = "unknown"
+            if exc.errno == errno.ENOSPC:
+                msg = f"{what}: needs {_human_bytes(needed)} in {where}, {free} free"
+            else:
+                msg = f"{what}: cannot allocate {_human_bytes(needed)} in {where}: {exc}"
+            raise SegmentError(msg, errno=exc.errno) from exc
+
+
+def _merge_spans(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for off, length in sorted(spans):
+        if merged and off <= merged[-1][0] + merged[-1][1]:
+            last_off, last_len = merged[-1]
+            merged[-1] = (last_off, max(last_len, off + length - last_off))
+        else:
+            merged.append((off, length))
+    return merged
 
 
 def _populate_write(mm: mmap.mmap, start: int, length: int) -> None:
@@ -168,7 +231,8 @@ class GuestRam:
             os.ftruncate(fd, total)
             # Back the control page and dirty map now: a write to an unbacked
             # page of a full tmpfs is a SIGBUS, not an exception.
-            os.posix_fallocate(fd, 0, ram_offset_for(npages))
+            reserve_file(fd, [(0, ram_offset_for(npages))],
+                         f"cannot create segment {name!r}", os.path.dirname(path))
             mm = mmap.mmap(fd, total, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
             self = cls(name, fd, mm, npages)
             self.ctl.init_header(npages)
@@ -279,26 +343,47 @@ class GuestRam:
             raise SegmentError(f"lseek({whence}) on {self.path}: {exc}") from exc
         return min(self.npages, max(page, (off - self.ram_offset) // PAGE_SIZE))
 
+    def _spans(self, runs) -> list[tuple[int, int]]:
+        """File byte spans of ``runs`` ((first, count) page pairs; None = all RAM)."""
+        if runs is None:
+            return [(self.ram_offset, self.size_bytes)]
+        spans = []
+        for first, count in runs:
+            if first < 0 or count < 1 or first + count > self.npages:
+                raise ValueError(f"pages [{first}, {first + count}) outside 0..{self.npages}")
+            spans.append((self.ram_offset + first * PAGE_SIZE, count * PAGE_SIZE))
+        return spans
+
+    def reserve(self, runs=None) -> None:
+        """Allocate the file pages behind every RAM page (or the pages of
+        ``runs``, (first, count) pairs) with ``posix_fallocate``, without
+        touching any of them, so that a later write through the mapping can
+        no longer hit an unbacked page (SIGBUS on a full tmpfs).
+
+        SegmentError with ``errno`` ENOSPC and a message such as "needs 1.0
+        GiB in /dev/shm, 0.4 GiB free" when the directory cannot hold them
+        (tmpfs gives back what a failed call allocated). Pages already
+        allocated cost nothing; "needs" counts every page asked for."""
+        spans = _merge_spans(self._spans(runs))
+        where = os.path.dirname(self.path)
+        reserve_file(self.fd, spans, f"cannot reserve RAM for segment {self.name!r}", where)
+
     def prefault(self, runs=None) -> None:
         """Make every RAM page (or the pages of ``runs``, (first, count) pairs) allocated, resident and writable in this
         mapping, so later writes (recv_into on the destination) take no page
-        faults. MADV_POPULATE_WRITE when the kernel has it; otherwise
-        posix_fallocate plus a write of one byte per page (rewriting each
-        byte with its own value -- call this before a guest writes the
-        segment). SegmentError if /dev/shm cannot hold the segment.
+        faults. First :meth:`reserve` (so a full /dev/shm is a SegmentError,
+        errno ENOSPC, before any page is touched), then MADV_POPULATE_WRITE
+        when the kernel has it; otherwise a write of one byte per page
+        (rewriting each byte with its own value -- call this before a guest
+        writes the segment).
 
         Measured on the 2-vCPU reference VM: ~0.58 s per GiB with
         MADV_POPULATE_WRITE, ~0.65-0.8 s per GiB with the fallback (the very
         first allocation of memory a fresh VM has never touched took 2.4 s
         per GiB: the hypervisor backs it on first use). Either is cheaper
         than taking the same faults inside recv_into during the first pass."""
-        if runs is not None:
-            for first, count in runs:
-                if first < 0 or count < 1 or first + count > self.npages:
-                    raise ValueError(f"pages [{first}, {first + count}) outside 0..{self.npages}")
-            spans = [(self.ram_offset + f * PAGE_SIZE, c * PAGE_SIZE) for f, c in runs]
-        else:
-            spans = [(self.ram_offset, self.size_bytes)]
+        spans = self._spans(runs)
+        self.reserve(runs)
         try:
             for off, size in spans:
                 # In slices: madvise holds the GIL for the whole call (~0.6 s per
@@ -308,31 +393,19 @@ class GuestRam:
             return
         except OSError:
             pass
-        if runs is not None:
-            for first, count in runs:           # fallback: touch each page of the runs
-                view = self.ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE]
+        step = 1 << 30  # fallback: a strided view per GiB touches one byte per page
+        for off, size in spans:
+            start = off - self.ram_offset
+            for o in range(start, start + size, step):
+                chunk = self.ram[o : min(o + step, start + size)]
                 try:
-                    touched = view[::PAGE_SIZE]
-                    touched[:] = touched.tobytes()
-                    touched.release()
+                    touched = chunk[::PAGE_SIZE]
+                    try:
+                        touched[:] = touched.tobytes()
+                    finally:
+                        touched.release()
                 finally:
-                    view.release()
-            return
-        try:
-            os.posix_fallocate(self.fd, self.ram_offset, self.size_bytes)
-        except OSError as exc:
-            raise SegmentError(f"cannot allocate {self.size_bytes} bytes for segment {self.name!r}: {exc}") from exc
-        step = 1 << 30  # a strided view per GiB: the copy below is npages bytes
-        for off in range(0, self.size_bytes, step):
-            chunk = self.ram[off : off + step]
-            try:
-                touched = chunk[::PAGE_SIZE]
-                try:
-                    touched[:] = touched.tobytes()
-                finally:
-                    touched.release()
-            finally:
-                chunk.release()
+                    chunk.release()
 
     # ---- lifecycle --------------------------------------------------------
     def close(self) -> None:
