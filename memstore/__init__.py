@@ -1,5 +1,6 @@
 """memstore: guest state held in memory -- shared-memory guest RAM, dirty
-maps, page digests, zero-page scans, workloads and the guest process.
+maps, page digests, zero-page scans, workloads, VM disks (sparse images with
+shared-memory dirty-block maps) and the guest process.
 
 Plain synchronous code over os.open + mmap, files and psutil: no
 networking, no event loop, no logging (errors are raised, results returned).
@@ -12,10 +13,27 @@ not import its own module twice.
 
 from __future__ import annotations
 
-from .control import Cmd, ControlBlock, GuestState
+from .control import Cmd, ControlBlock, DiskCmd, DiskIoState, GuestState
 from .digest import DIGEST_SIZE, chunk_digests, diff_chunks, page_digest
 from .dirtymap import DirtyMap, runs_from_snapshot
-from .errors import GuestError, MemstoreError, SegmentError, WorkloadError
+from .disk import (
+    BLOCK_SIZE,
+    DiskImage,
+    DiskInfo,
+    DiskMap,
+    add_disk,
+    disk_map_name,
+    disk_sizes,
+    list_disk_maps,
+    list_disks,
+    parse_disk_map_name,
+    pause_disk_io,
+    remove_disks,
+    reopen_disk,
+    resume_disk_io,
+    unlink_disk_maps,
+)
+from .errors import DiskError, GuestError, MemstoreError, SegmentError, WorkloadError
 from .layout import PAGE_SIZE, PageRun, pages_for, parse_size, round_up
 from .scan import split_zero
 from .segment import (
@@ -23,9 +41,10 @@ from .segment import (
     list_segments,
     segment_exists,
     segment_path,
+    shm_dir,
     unlink_segment,
 )
-from .workload import Workload, page_for_write, parse_workload, validate_for
+from .workload import Workload, disk_write_for, page_for_write, parse_workload, validate_for
 
 _LAZY = {"launch_guest", "is_guest_process", "find_guests"}
 
@@ -39,7 +58,9 @@ __all__ = [
     "SegmentError",
     "WorkloadError",
     "GuestError",
+    "DiskError",
     "GuestRam",
+    "shm_dir",
     "segment_path",
     "segment_exists",
     "list_segments",
@@ -47,6 +68,23 @@ __all__ = [
     "Cmd",
     "GuestState",
     "ControlBlock",
+    "DiskCmd",
+    "DiskIoState",
+    "BLOCK_SIZE",
+    "DiskImage",
+    "DiskInfo",
+    "DiskMap",
+    "add_disk",
+    "disk_map_name",
+    "disk_sizes",
+    "list_disk_maps",
+    "list_disks",
+    "parse_disk_map_name",
+    "pause_disk_io",
+    "remove_disks",
+    "reopen_disk",
+    "resume_disk_io",
+    "unlink_disk_maps",
     "DirtyMap",
     "runs_from_snapshot",
     "DIGEST_SIZE",
@@ -58,6 +96,7 @@ __all__ = [
     "parse_workload",
     "validate_for",
     "page_for_write",
+    "disk_write_for",
     *sorted(_LAZY),
 ]
 

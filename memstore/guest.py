@@ -1,7 +1,8 @@
 """The guest process ("the vCPU"): ``python -m memstore.guest SEGMENT_NAME``.
 
 One process per VM. It attaches the segment, takes its workload spec and
-vCPU state (seed, writes, cursor) from the control page, publishes its pid,
+vCPU state (seed, writes, cursor, io_writes, io_cursor) from the control
+page, opens its disks (memstore.disk), publishes its pid,
 and loops in ticks of at most ~1 ms (sleep TICK_S + overshoot):
 
 1. ``heartbeat_ns`` = now (CLOCK_MONOTONIC, shared by all processes on the
@@ -67,7 +68,8 @@ agent; the agent finds it again by its command line
 unlinked the guest exits by itself (nobody can attach to it any more).
 
 Exit codes: 0 stopped (STOP, SIGTERM, SIGINT); 1 unexpected error; 2 the
-segment cannot be attached or its workload is unusable; 3 another guest
+segment cannot be attached, its workload is unusable or one of its disks
+(memstore.disk: the control page's ndisks, each map's path) cannot be opened; 3 another guest
 already runs on the segment; 4 the segment file was unlinked.
 """
 

@@ -96,3 +96,44 @@ def guests(make_ram: Callable[..., GuestRam]) -> Iterator[Callable[..., subproce
         if proc.poll() is None:
             proc.kill()
         proc.wait(WAIT_S)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path) -> Iterator[str]:
+    """A real 8 MiB tmpfs mounted for the test (needs root; skipped with the
+    reason otherwise), unmounted at teardown. The test must leave it empty."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a test tmpfs (root needed): {res.stderr.strip() or res.returncode}")
+    try:
+        yield str(mnt)
+        left = os.listdir(mnt)
+        assert not left, f"files left on the test tmpfs: {left}"
+    finally:
+        res = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+        if res.returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+            pytest.fail(f"test tmpfs was busy at teardown: {res.stderr.strip()}")
+
+
+@pytest.fixture
+def disk_vm(make_ram, tmp_path):
+    """disk_vm(suffix, ram_bytes, disk_sizes, dir=tmp_path) -> (GuestRam, [image paths]):
+    a segment with sparse images created and registered as its disks. The
+    maps go with the segment (shm_prefix teardown), the images with tmp_path."""
+    from memstore.disk import DiskImage, add_disk
+
+    def make(suffix: str = "vm", ram_bytes: int = 1 << 20, disk_sizes=(4 << 20,), dir=None):
+        ram = make_ram(suffix, ram_bytes)
+        paths = []
+        for i, size in enumerate(disk_sizes):
+            path = os.path.join(str(dir or tmp_path), f"{suffix}-disk{i}.img")
+            DiskImage.create(path, size).close()
+            add_disk(ram, path)
+            paths.append(path)
+        return ram, paths
+
+    return make

@@ -7,6 +7,8 @@ from memstore.control import (
     MAGIC,
     Cmd,
     ControlBlock,
+    DiskCmd,
+    DiskIoState,
     GuestState,
 )
 from memstore.errors import GuestError, SegmentError
@@ -158,6 +160,10 @@ def _blob(**over):
         (_blob(workload="x" * 600), "'workload' must be a str"),
         (_blob(workload="zipf:rate=1"), "unusable workload"),
         (_blob(workload="hotset:ws=2M,rate=1"), "unusable workload"),
+        (_blob(io_writes=5), "must be a map"),                 # io keys come as a pair
+        (_blob(io_writes=5, io_cursor=-1), "'io_cursor' must be a u64"),
+        (_blob(io_writes="5", io_cursor=0), "'io_writes' must be a u64"),
+        (_blob(workload="idle:io=5,iows=100"), "unusable workload"),
         (msgpack.packb({"writes": 1, "seed": 2, "cursor": 3, "workload": "idle"}) + b"\x00",
          "not valid msgpack"),
         (b"\xdf\xff\xff\xff\xff", "not valid msgpack"),  # map claiming 4 G entries
@@ -166,10 +172,11 @@ def _blob(**over):
     ],
 )
 def test_load_vcpu_state_is_strict(ctl, blob, msg):
-    before = (ctl.writes, ctl.seed, ctl.cursor, ctl.workload)
+    ctl.io_writes, ctl.io_cursor = 40, 4
+    before = (ctl.writes, ctl.seed, ctl.cursor, ctl.workload, ctl.io_writes, ctl.io_cursor)
     with pytest.raises(SegmentError, match=msg):
         ctl.load_vcpu_state(blob)
-    assert (ctl.writes, ctl.seed, ctl.cursor, ctl.workload) == before
+    assert (ctl.writes, ctl.seed, ctl.cursor, ctl.workload, ctl.io_writes, ctl.io_cursor) == before
 
 
 def test_control_block_needs_a_full_writable_page():
@@ -177,3 +184,64 @@ def test_control_block_needs_a_full_writable_page():
         ControlBlock(memoryview(bytearray(100)))
     with pytest.raises(ValueError):
         ControlBlock(memoryview(bytes(CONTROL_SIZE)))
+
+
+def _other():
+    buf = bytearray(CONTROL_SIZE)
+    other = ControlBlock(memoryview(buf))
+    other.init_header(256)
+    return other
+
+
+def test_vcpu_state_round_trip_with_disk_io(ctl):
+    ctl.workload = "hotset:ws=64K,rate=10,io=2000,iows=256M"
+    ctl.writes, ctl.seed, ctl.cursor = 1000, 99, 17
+    ctl.io_writes, ctl.io_cursor = 5555, 42
+    ctl.guest_state = GuestState.PAUSED
+    blob = ctl.vcpu_state()
+    assert msgpack.unpackb(blob) == {"writes": 1000, "seed": 99, "cursor": 17,
+                                     "workload": "hotset:ws=64K,rate=10,io=2000,iows=256M",
+                                     "io_writes": 5555, "io_cursor": 42}
+    other = _other()
+    try:
+        other.io_writes = 7
+        other.load_vcpu_state(blob)
+        assert (other.writes, other.io_writes, other.io_cursor) == (1000, 5555, 42)
+        assert other.vcpu_state() == blob
+    finally:
+        other.release()
+
+
+def test_old_vcpu_blob_still_loads_and_no_io_keeps_the_old_blob(ctl):
+    old = msgpack.packb({"writes": 10, "seed": 2, "cursor": 3, "workload": "uniform:rate=10"})
+    ctl.io_writes, ctl.io_cursor = 99, 9          # left from something earlier
+    ctl.load_vcpu_state(old)
+    assert (ctl.writes, ctl.io_writes, ctl.io_cursor) == (10, 0, 0)
+    assert ctl.vcpu_state() == old                 # a VM without disk IO sends the old blob
+
+
+def test_disk_slots_and_command_handshake(ctl):
+    raw = ctl._raw
+    assert (ctl.ndisks, ctl.disk_cmd, ctl.disk_cmd_seq, ctl.disk_ack_seq) == (0, DiskCmd.RUN, 0, 0)
+    assert ctl.disk_io_state is DiskIoState.NOT_STARTED and ctl.disk_acknowledged(0)
+    ctl.ndisks = 3
+    seq = ctl.disk_command(DiskCmd.REOPEN, 2)
+    assert seq == 1 and not ctl.disk_acknowledged(seq)
+    assert ctl.read_disk_command() == (1, DiskCmd.REOPEN, 2)
+    assert int.from_bytes(raw[120:128], "little") == 3          # ndisks
+    assert int.from_bytes(raw[128:136], "little") == 2          # disk_cmd
+    assert int.from_bytes(raw[136:144], "little") == 2          # disk_cmd_arg
+    assert int.from_bytes(raw[144:152], "little") == 1          # disk_cmd_seq
+    assert not ctl.wait_disk_acknowledged(seq, 0.001)
+    ctl.disk_result, ctl.disk_io_state, ctl.disk_ack_seq = 2, DiskIoState.PAUSED, seq   # as the guest
+    assert ctl.wait_disk_acknowledged(seq, 0.001) and ctl.disk_result == 2
+    assert int.from_bytes(raw[152:160], "little") == 1
+    assert int.from_bytes(raw[168:176], "little") == DiskIoState.PAUSED
+    ctl.io_writes, ctl.io_cursor, ctl.io_rate_wps, ctl.disk_errno = 7, 8, 9, 28
+    assert [int.from_bytes(raw[o:o + 8], "little") for o in (176, 184, 192, 200)] == [28, 7, 8, 9]
+    assert ctl.cmd_seq == 0                                      # the RAM channel is separate
+    with pytest.raises(ValueError):
+        ctl.ndisks = 17
+    raw[128:136] = (9).to_bytes(8, "little")
+    with pytest.raises(SegmentError, match="unknown disk command"):
+        ctl.disk_cmd
