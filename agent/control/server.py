@@ -4,6 +4,12 @@ Request:  {"op": "vm.create", "args": {...}}\n
 Response: {"ok": true, "result": ...}\n  or  {"ok": false, "error": "..."}\n
 One connection may carry several requests; a long request (``migrate``
 with ``wait``) holds its connection until it ends.
+
+``bind()`` replaces a stale socket file and listens without accepting;
+the agent calls it only once it holds the control socket's lock (see
+``agent.daemon.host.InstanceLock``), so a live agent's socket is never
+unlinked. ``serve()`` starts accepting. ``close()`` removes the socket only
+if this server bound it.
 """
 from __future__ import annotations
 
@@ -28,8 +34,9 @@ class ControlServer:
         self.handlers = handlers
         self.server: asyncio.AbstractServer | None = None
         self.tasks: set[asyncio.Task] = set()
+        self._inode: int | None = None           # of the socket file this server bound
 
-    async def start(self) -> None:
+    async def bind(self) -> None:
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -37,10 +44,19 @@ class ControlServer:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         old = os.umask(0o777 & ~self.mode)       # the socket is never more open than its mode
         try:
-            self.server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_REQUEST_BYTES)
+            self.server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_REQUEST_BYTES,
+                                                          start_serving=False)
         finally:
             os.umask(old)
+        self._inode = os.stat(self.path).st_ino
         os.chmod(self.path, self.mode)
+
+    async def serve(self) -> None:
+        await self.server.start_serving()
+
+    async def start(self) -> None:
+        await self.bind()
+        await self.serve()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -94,10 +110,14 @@ class ControlServer:
             self.server.close()
         for t in list(self.tasks):
             t.cancel()
+        if self._inode is None:
+            return                               # never bound: the socket there is someone else's
         try:
-            os.unlink(self.path)
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
+        self._inode = None
 
 
 class ControlClient:

@@ -4,6 +4,17 @@ The guest ("vCPU") is a separate process in its own session, attached to
 the VM's segment (see ``memstore.guest``). The agent talks to it only
 through the shared control block: ``command(PAUSE|RUN|STOP)`` and waits
 for the matching acknowledgement.
+
+Supervision contract (``agent.daemon.agent.Supervisor``): ``guest_wanted``
+says whether a guest process should exist (``stop_guest`` clears it,
+``start_guest`` sets it); a wanted guest that died or whose heartbeat
+stopped is either reported to the callbacks in ``on_guest_lost`` (a
+migration driver that owns the VM registers ``cb(vm, reason)`` and removes
+it when done; it restarts the guest itself with ``restart_guest``) or, when
+nobody is registered, restarted from the segment's memory and vCPU state.
+
+A ``broken`` VM has a record but no segment that attaches (``ram`` is
+None): it is listed with ``broken_reason`` and never unlinked by the agent.
 """
 from __future__ import annotations
 
@@ -17,12 +28,14 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from memstore import Cmd, GuestRam, GuestState, SegmentError, is_guest_process, launch_guest, parse_workload
+from memstore import (Cmd, GuestRam, GuestState, SegmentError, is_guest_process, launch_guest, pages_for,
+                      parse_workload, unlink_segment)
 
 from agent.errors import VmError
 from agent.migration.heat import ChunkHeat
 
 ACK_POLL_S = 0.001
+STOP_REMAINS_S = 1.0       # restart_guest: how long a leftover guest gets to obey STOP before SIGKILL
 
 
 @dataclass
@@ -47,12 +60,20 @@ class VmRecord:
 
 
 class Vm:
-    def __init__(self, record: VmRecord, ram: GuestRam, proc: subprocess.Popen | None = None) -> None:
+    def __init__(self, record: VmRecord, ram: GuestRam | None, proc: subprocess.Popen | None = None) -> None:
         self.record = record
-        self.ram = ram
+        self.ram = ram                         # None: broken (record kept, segment does not attach)
         self.proc = proc
         self.migrating: str | None = None      # job id while a migration owns the VM
-        self.heat = ChunkHeat(ram.npages)      # write frequency, for a cold-first full pass
+        self.heat = ChunkHeat(ram.npages if ram is not None else pages_for(record.memory_bytes))
+        self.hold_reason: str = ""             # why a paused VM waits (set by outbound recovery)
+        self.on_guest_lost: list = []          # cb(vm, reason): a driver that owns the VM handles a death
+        self.on_release = None                 # cb(segment): the registry forgets the segment
+        self.guest_wanted = proc is not None   # a guest process should run (supervision)
+        self.launched_ns = 0                   # CLOCK_MONOTONIC of the last launch (heartbeat grace)
+        self.restarting = False                # restart_guest under way: the supervisor keeps off
+        self.lost_pid = 0                      # the guest death already reported to on_guest_lost
+        self.resolver: asyncio.Task | None = None   # outbound recovery task, while unresolved
 
     # ---- construction ------------------------------------------------------
     @classmethod
@@ -65,12 +86,41 @@ class Vm:
 
     @property
     def ctl(self):
+        if self.ram is None:
+            raise VmError(f"{self.name} is broken: {self.record.broken_reason}")
         return self.ram.ctl
+
+    @property
+    def broken(self) -> bool:
+        return self.ram is None
 
     # ---- guest control -----------------------------------------------------
     def start_guest(self, log_path: str | None = None) -> None:
+        if self.ram is None:
+            raise VmError(f"{self.name} is broken ({self.record.broken_reason}); it has no memory to run")
         self.proc = launch_guest(self.record.segment, log_path=log_path)
         self.record.guest_pid = self.proc.pid
+        self.launched_ns = time.monotonic_ns()
+        self.guest_wanted = True
+        self.lost_pid = 0
+
+    async def restart_guest(self, log_path: str | None, timeout_s: float, run: bool) -> None:
+        """A new guest from the memory and vCPU state in the segment: stop and
+        reap what is left of the old one, set the command word (RUN or PAUSE),
+        launch, and wait until the new guest acknowledges it (running or paused)."""
+        self.restarting = True
+        try:
+            await self.stop_guest(min(timeout_s, STOP_REMAINS_S))
+            seq = self.ctl.command(Cmd.RUN if run else Cmd.PAUSE)
+            self.start_guest(log_path)
+            await self.wait_ack(seq, timeout_s, what="run" if run else "start paused")
+        finally:
+            self.restarting = False
+
+    def heartbeat_age_s(self) -> float:
+        """Seconds since the guest last showed life (its heartbeat, or its launch)."""
+        last = max(int(self.ctl.heartbeat_ns), self.launched_ns)
+        return max(0.0, (time.monotonic_ns() - last) / 1e9)
 
     def guest_alive(self) -> bool:
         if self.proc is not None:
@@ -108,10 +158,12 @@ class Vm:
             await asyncio.sleep(ACK_POLL_S)
 
     async def stop_guest(self, timeout_s: float) -> None:
-        """Stop the guest process (STOP, then SIGKILL if it does not obey) and reap it."""
+        """Stop the guest process (STOP, then SIGKILL if it does not obey) and reap it.
+        The guest is no longer wanted: the supervisor leaves the VM stopped."""
+        self.guest_wanted = False
         if self.proc is None and not self.record.guest_pid:
             return
-        if self.guest_alive():
+        if self.guest_alive() and self.ram is not None:
             try:
                 await self.command(Cmd.STOP, timeout_s)
             except VmError:
@@ -145,16 +197,24 @@ class Vm:
     def release(self) -> None:
         """Close and remove the segment (the guest must be stopped). The file is
         unlinked even if a stray view still pins the mapping (then the memory
-        goes when the view does)."""
+        goes when the view does); the registry's segment journal forgets it."""
         try:
-            self.ram.close()
+            if self.ram is not None:
+                self.ram.close()
         except SegmentError:
             pass
         finally:
-            self.ram.unlink()
+            if self.ram is not None:
+                self.ram.unlink()
+            else:
+                unlink_segment(self.record.segment)
+            if self.on_release is not None:
+                self.on_release(self.record.segment)
 
     # ---- reporting ---------------------------------------------------------
     def state(self) -> str:
+        if self.ram is None:
+            return "broken"
         if self.migrating is not None or self.record.state == "incoming":
             return "migrating"
         if not self.guest_alive():
@@ -168,21 +228,27 @@ class Vm:
 
     def info(self) -> dict:
         r = self.record
-        ctl = self.ctl
-        return {
+        ctl = self.ram.ctl if self.ram is not None else None
+        out = {
             "name": r.name,
             "id": r.id,
             "state": self.state(),
             "memory_bytes": r.memory_bytes,
             "workload": r.workload,
-            "writes": int(ctl.writes),
-            "write_rate_pps": int(ctl.rate_pps),
-            "throttle_pct": int(ctl.throttle_pct),
+            "writes": int(ctl.writes) if ctl else 0,
+            "write_rate_pps": int(ctl.rate_pps) if ctl else 0,
+            "throttle_pct": int(ctl.throttle_pct) if ctl else 0,
             "guest_pid": r.guest_pid,
+            "guest_restarts": r.guest_restarts,
             "segment": r.segment,
             "migration": self.migrating,
             "created_at": r.created_at,
         }
+        if self.ram is None:
+            out["broken_reason"] = r.broken_reason
+        if self.hold_reason or self.ram is None:
+            out["reason"] = self.hold_reason or r.broken_reason
+        return out
 
 
 def check_workload(spec: str, memory_bytes: int):

@@ -1,0 +1,149 @@
+"""Control handlers that start migrations: migrate, drain, undrain.
+
+Per-migration options are checked here, before any job exists:
+``downtime_ms`` int >= 1, ``max_bandwidth_mibps`` int >= 0, ``verify``
+"incremental" | "full", ``priority`` int (each may be absent or null).
+While the agent shuts down, no new migration is started.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+from agent.daemon.config import parse_hostport
+from agent.daemon.vm import Vm
+from agent.errors import AgentError, VmError
+from agent.migration.jobs import Job
+from agent.migration.outbound import run_outbound
+from agent.migration.phases import is_cancellable
+from agent.observe.logs import get_logger
+
+if TYPE_CHECKING:
+    from agent.daemon.agent import Agent
+
+log = get_logger("livemig.control.migrate")
+
+VERIFY_MODES = ("incremental", "full")
+
+
+def _int_arg(args: dict, key: str, minimum: int | None) -> int | None:
+    value = args.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise AgentError(f"{key}: expected an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise AgentError(f"{key}: must be >= {minimum}, got {value}")
+    return value
+
+
+def migration_options(args: dict) -> dict:
+    """The validated per-migration options of a migrate/drain request."""
+    verify = args.get("verify")
+    if verify is not None and verify not in VERIFY_MODES:
+        raise AgentError(f"verify: {' or '.join(VERIFY_MODES)}, got {verify!r}")
+    return {
+        "downtime_ms": _int_arg(args, "downtime_ms", 1),
+        "max_bandwidth_mibps": _int_arg(args, "max_bandwidth_mibps", 0),
+        "verify": verify,
+        "priority": _int_arg(args, "priority", None) or 0,
+    }
+
+
+def _targets(op: str, value) -> list[str]:
+    targets = [value] if isinstance(value, str) else value
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise AgentError(f"{op} needs at least one target (--to HOST:PORT)")
+    for t in targets:
+        parse_hostport(t)
+    return targets
+
+
+class MigrateOps:
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self.host = agent.host
+
+    def handlers(self) -> dict:
+        return {"migrate": self.migrate, "drain": self.drain, "undrain": self.undrain}
+
+    def _refuse_if_stopping(self) -> None:
+        if self.agent.shutting_down:
+            raise AgentError(f"agent shutting down: {self.host.name} starts no new migration")
+
+    def _check_movable(self, vm: Vm) -> None:
+        if vm.migrating is not None:
+            raise VmError(f"{vm.name} is already migrating (job {vm.migrating})")
+        if vm.record.state == "incoming":
+            raise VmError(f"{vm.name} is still arriving here")
+        if vm.state() != "running":
+            raise VmError(f"{vm.name} is {vm.state()}; only a running VM can be live-migrated")
+
+    def _start_outbound(self, vm: Vm, targets: list[str], opts: dict) -> Job:
+        self._check_movable(vm)
+        h = self.host
+        job = Job(vm=vm.name, source=h.listen_addr or h.name,
+                  destination=targets[0] if len(targets) == 1 else "", direction="outbound")
+        job.targets = list(targets)
+        job.priority = opts["priority"]
+        h.jobs.add(job)
+        vm.migrating = job.id
+        kwargs = {"downtime_ms": opts["downtime_ms"], "max_bandwidth_mibps": opts["max_bandwidth_mibps"]}
+        if opts["verify"] is not None:
+            kwargs["verify"] = opts["verify"]
+        job.task = self.agent.jobs.spawn(run_outbound(h, job, vm, **kwargs), f"outbound:{job.id}:{vm.name}",
+                                         cancellable=lambda: is_cancellable(job.phase))
+        log.info("migration_queued", job=job.id, vm=vm.name, targets=targets, priority=job.priority,
+                 verify=opts["verify"])
+        return job
+
+    async def migrate(self, args: dict):
+        self._refuse_if_stopping()
+        opts = migration_options(args)
+        targets = _targets("migrate", args.get("to"))
+        vm = self.host.registry.get(args.get("vm"))
+        job = self._start_outbound(vm, targets[:1], opts)
+        if args.get("wait"):
+            await job.done.wait()
+            return job.report()
+        return job.summary()
+
+    async def drain(self, args: dict):
+        """Maintenance: accept no inbound VMs, move every VM to the targets."""
+        self._refuse_if_stopping()
+        opts = migration_options(args)
+        targets = _targets("drain", args.get("to") or [])
+        h = self.host
+        h.maintenance = True
+        t0 = time.time()
+        jobs = []
+        for vm in sorted(h.registry, key=lambda v: -v.record.memory_bytes):   # big ones first: best fit
+            if vm.migrating is None and vm.record.state != "incoming" and vm.state() == "running":
+                jobs.append(self._start_outbound(vm, targets, opts))
+        log.info("drain_started", vms=len(jobs), targets=targets)
+        if not args.get("wait"):
+            return {"maintenance": True, "jobs": [j.summary() for j in jobs]}
+        await asyncio.gather(*(j.done.wait() for j in jobs))
+        return self._drain_result(jobs, t0)
+
+    def _drain_result(self, jobs: list[Job], t0: float) -> dict:
+        reports = [j.report() for j in jobs]
+        left = [vm.name for vm in self.host.registry]
+        keys = ("id", "vm", "destination", "status", "error", "total_ms", "downtime_ms", "queued_at",
+                "started_at", "finished_at", "bytes_sent", "verified")
+        ok = all(r["status"] == "completed" for r in reports) and not left
+        result = {
+            "maintenance": True,
+            "status": "completed" if ok else "incomplete",
+            "drain_ms": round((time.time() - t0) * 1000.0, 1),
+            "vms": [{k: r[k] for k in keys} for r in reports],
+            "vms_left": left,
+        }
+        log.info("drain_finished", status=result["status"], drain_ms=result["drain_ms"], vms_left=len(left))
+        return result
+
+    async def undrain(self, args: dict):
+        self.host.maintenance = False
+        log.info("maintenance_ended")
+        return {"maintenance": False}

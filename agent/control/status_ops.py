@@ -1,0 +1,87 @@
+"""Control handlers for the agent itself: ping, status, config.set."""
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import psutil
+
+from agent.errors import AgentError
+from agent.migration.phases import MigrationPhase
+from agent.observe.logs import get_logger
+
+if TYPE_CHECKING:
+    from agent.daemon.agent import Agent
+
+log = get_logger("livemig.control.status")
+
+LIMIT_KEYS = ("max_live_migrations", "max_storage_migrations")
+
+
+def rss_anon_bytes() -> int:
+    """RSS without mapped guest memory (shm pages count in rss)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class StatusOps:
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self.host = agent.host
+
+    def handlers(self) -> dict:
+        return {"ping": self.ping, "status": self.status, "config.set": self.config_set}
+
+    async def ping(self, args: dict):
+        return {"agent": self.host.name, "pid": os.getpid()}
+
+    async def status(self, args: dict):
+        h, ag = self.host, self.agent
+        queued = [j for j in h.jobs.running() if j.phase is MigrationPhase.QUEUED]
+        return {
+            "agent": h.name,
+            "pid": os.getpid(),
+            "listen": h.listen_addr,
+            "metrics": ag.metrics_addr,
+            "control": ag.cfg.agent.control,
+            "vms": len(h.registry),
+            "max_live_migrations": h.slots.limit,
+            "max_storage_migrations": h.storage_limit,
+            "live_migrations_running": h.slots.in_use,
+            "live_migrations_queued": len(queued),
+            "memory_available_bytes": h.memory_available(),
+            "shm_free_bytes": h.shm_free_bytes(),
+            "maintenance": h.maintenance,
+            "shutting_down": ag.shutting_down,
+            "uptime_s": round(time.time() - ag.started_at, 1),
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "rss_anon_bytes": rss_anon_bytes(),
+        }
+
+    async def config_set(self, args: dict):
+        key, value = args["key"], args["value"]
+        if not isinstance(key, str):
+            raise AgentError(f"config.set: key must be a string, got {key!r}")
+        key = key.replace("limits.", "").replace("-", "_")
+        if key not in LIMIT_KEYS:
+            raise AgentError(f"unknown or read-only setting {key!r}")
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise AgentError(f"{key}: expected an integer, got {value!r}") from None
+        if not 1 <= n <= 1024:
+            raise AgentError(f"{key}: 1..1024")
+        if key == "max_live_migrations":
+            self.host.slots.set_limit(n)
+            self.host.pairs.wake_all()
+        else:
+            self.host.storage_limit = n
+        log.info("limit_changed", key=key, value=n)
+        return {key: n}

@@ -1,0 +1,207 @@
+"""Control handlers for VMs: vm.create/list/show/delete/pause/resume/start.
+
+``pause``/``resume`` are the operator's: a VM paused here stays paused
+across agent restarts (record ``paused``). A VM paused by an outbound
+switchover whose end is unknown (``record.outbound`` set) is resumed only
+with ``force``: the destination may be running it.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import TYPE_CHECKING
+
+from memstore import GuestRam, parse_size
+
+from agent.daemon.config import NAME_RE
+from agent.daemon.vm import Vm, VmRecord, check_workload
+from agent.errors import VmError
+from agent.migration.heat import ChunkHeat
+from agent.observe.logs import get_logger
+
+if TYPE_CHECKING:
+    from agent.daemon.agent import Agent
+
+log = get_logger("livemig.control.vm")
+
+RESOLVER_CANCEL_WAIT_S = 5.0
+
+
+def _fill_random(ram: memoryview, chunk_bytes: int = 4 * 2**20) -> None:
+    """Fill guest RAM with incompressible bytes (a VM that has used all its memory)."""
+    for off in range(0, len(ram), chunk_bytes):
+        n = min(chunk_bytes, len(ram) - off)
+        ram[off:off + n] = os.urandom(n)
+
+
+def _name(args: dict) -> str:
+    name = args.get("name")
+    if not isinstance(name, str) or NAME_RE.fullmatch(name) is None:
+        raise VmError(f"bad VM name {name!r}: use 1-64 of A-Z a-z 0-9 _ -")
+    return name
+
+
+def _memory_bytes(args: dict) -> int:
+    memory = args.get("memory", "256M")
+    try:
+        if isinstance(memory, bool):
+            raise ValueError(f"memory: expected a size, got {memory!r}")
+        return parse_size(memory) if isinstance(memory, str) else int(memory)
+    except (TypeError, ValueError) as exc:
+        raise VmError(str(exc)) from exc
+
+
+def unresolved_message(vm: Vm) -> str:
+    peer = (vm.record.outbound or {}).get("peer") or "its destination"
+    return (f"{vm.name} is paused because its migration to {peer} is unresolved: the destination may be "
+            f"running it; resuming here with --force can leave two running copies")
+
+
+class VmOps:
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        self.host = agent.host
+
+    def handlers(self) -> dict:
+        return {"vm.create": self.create, "vm.list": self.list, "vm.show": self.show, "vm.delete": self.delete,
+                "vm.pause": self.pause, "vm.resume": self.resume, "vm.start": self.start}
+
+    @property
+    def ack_timeout_s(self) -> float:
+        return self.host.cfg.migration.guest_ack_timeout_s
+
+    def _idle_vm(self, args: dict, what: str) -> Vm:
+        """The named VM, not owned by a migration (which would race an operator command)."""
+        vm = self.host.registry.get(_name(args))
+        if vm.migrating is not None:
+            raise VmError(f"{vm.name} is migrating (job {vm.migrating}); {what} it when the job has ended")
+        if vm.record.state == "incoming":
+            raise VmError(f"{vm.name} is arriving by migration; {what} it once it runs here")
+        if vm.restarting:
+            raise VmError(f"the guest of {vm.name} is being restarted; try again in a moment")
+        return vm
+
+    async def create(self, args: dict):
+        name, memory_bytes = _name(args), _memory_bytes(args)
+        workload = args.get("workload", "idle")
+        check_workload(workload, memory_bytes)
+        prefill = args.get("prefill", "none")
+        if prefill not in ("none", "random"):
+            raise VmError(f"prefill: 'none' or 'random', got {prefill!r}")
+        h, reg = self.host, self.host.registry
+        if name in reg:
+            raise VmError(f"a VM named {name!r} already exists on {h.name}")
+        available = h.memory_available()
+        if memory_bytes > available:
+            raise VmError(f"not enough memory on {h.name}: VM needs {memory_bytes / 2**20:.0f} MiB, "
+                          f"{available / 2**20:.0f} MiB available")
+        vm_id = Vm.new_id()
+        ram = reg.create_segment(name, vm_id, memory_bytes)
+        vm = Vm(VmRecord(name=name, id=vm_id, memory_bytes=memory_bytes, workload=workload, segment=ram.name), ram)
+        vm.on_release = reg.forget_segment
+        added = False
+        try:
+            if prefill == "random":
+                await asyncio.to_thread(_fill_random, ram.ram)
+            ram.ctl.workload = workload
+            ram.ctl.seed = int.from_bytes(os.urandom(8), "little") >> 1
+            reg.add(vm)
+            added = True
+            vm.start_guest(h.guest_log(name))
+            reg.save(vm)
+            await vm.wait_running(self.ack_timeout_s)
+        except BaseException:
+            await vm.stop_guest(1.0)
+            vm.release()
+            if added:
+                reg.remove(vm)
+            raise
+        log.info("vm_created", vm=name, memory_bytes=memory_bytes, workload=workload, segment=ram.name)
+        return vm.info()
+
+    async def list(self, args: dict):
+        return [vm.info() for vm in self.host.registry]
+
+    async def show(self, args: dict):
+        return self.host.registry.get(_name(args)).info()
+
+    async def delete(self, args: dict):
+        vm = self._idle_vm(args, "delete")
+        await self._drop_resolver(vm)
+        await vm.stop_guest(self.ack_timeout_s)
+        vm.release()
+        self.host.registry.remove(vm)
+        log.info("vm_deleted", vm=vm.name)
+        return {"deleted": vm.name}
+
+    async def pause(self, args: dict):
+        vm = self._idle_vm(args, "pause")
+        state = vm.state()
+        if state == "paused":
+            return vm.info()
+        if state != "running":
+            raise VmError(f"{vm.name} is {state}; only a running VM can be paused")
+        rec = vm.record
+        rec.state = "paused"                  # the intent first: a restart keeps it paused
+        self.host.registry.save(vm)
+        try:
+            await vm.pause(self.ack_timeout_s)
+        except VmError:
+            rec.state = "running"
+            self.host.registry.save(vm)
+            raise
+        log.info("vm_paused", vm=vm.name)
+        return vm.info()
+
+    async def resume(self, args: dict):
+        vm = self._idle_vm(args, "resume")
+        force = args.get("force", False)
+        if not isinstance(force, bool):
+            raise VmError(f"force: expected true/false, got {force!r}")
+        if vm.broken:
+            raise VmError(f"{vm.name} is broken ({vm.record.broken_reason}); try vm start")
+        if vm.record.outbound:
+            if not force:
+                raise VmError(unresolved_message(vm))
+            log.warning("vm_resume_forced", vm=vm.name, outbound=vm.record.outbound)
+            await self._drop_resolver(vm)
+            vm.record.outbound = None
+            vm.hold_reason = ""
+        if not vm.guest_alive():
+            raise VmError(f"{vm.name} is stopped; start it with vm start")
+        vm.record.state = "running"
+        self.host.registry.save(vm)
+        await vm.resume(self.ack_timeout_s)
+        log.info("vm_resumed", vm=vm.name, forced=bool(force))
+        return vm.info()
+
+    async def start(self, args: dict):
+        vm = self._idle_vm(args, "start")
+        if vm.broken:
+            self._reattach(vm)
+        elif vm.guest_alive():
+            raise VmError(f"{vm.name} is {vm.state()}: its guest runs already")
+        run = vm.record.state == "running"
+        await vm.restart_guest(self.host.guest_log(vm.name), self.ack_timeout_s, run=run)
+        self.host.registry.save(vm)
+        if vm.record.outbound:
+            self.agent.start_resolver(vm)
+        log.info("vm_started", vm=vm.name, paused=not run)
+        return vm.info()
+
+    def _reattach(self, vm: Vm) -> None:
+        rec = vm.record
+        try:
+            vm.ram = GuestRam.attach(rec.segment)
+        except Exception as exc:
+            raise VmError(f"{vm.name} is still broken: segment {rec.segment} does not attach: {exc}") from exc
+        vm.heat = ChunkHeat(vm.ram.npages)
+        vm.ram.ctl.throttle_pct = 0
+        rec.state = "paused" if rec.outbound else "running"
+        rec.broken_reason = ""
+
+    async def _drop_resolver(self, vm: Vm) -> None:
+        task, vm.resolver = vm.resolver, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait([task], timeout=RESOLVER_CANCEL_WAIT_S)
