@@ -20,16 +20,27 @@ payload_len=4096)``::
 The prefix is checked (magic, type, flags, sizes) *before* any body byte is
 buffered, so a hostile length cannot make us allocate (h2 ``frame_buffer``).
 
-Two ways to use this module:
+``FrameDecoder`` is the one frame parser (the agent's transport drives it
+too). Bytes reach it in one of two ways, and it hands payloads out in one of
+two ways:
 
-* The data plane reads ``PREFIX_SIZE`` bytes, calls ``parse_prefix``, reads
-  ``body_len`` bytes, calls ``decode_body``, then ``recv_into``s the payload
-  straight into guest memory.
-* ``FrameDecoder`` does the same over arbitrary chunks (h11 style)::
+* chunks (h11 style): ``receive_data(chunk)`` (``b""`` = EOF), then
+  ``next_event()`` until ``NEED_DATA``;
+* exact reads (the zero-copy data plane): ``get_buffer()`` is a writable view
+  of exactly the bytes still missing from the current prefix or body, the IO
+  layer ``recv_into``s it and calls ``buffer_updated(n)``. Nothing is ever read
+  past a frame boundary.
 
-      decoder.receive_data(chunk)          # b"" means EOF
-      while (event := decoder.next_event()) is not NEED_DATA:
-          ...                              # Message, Payload or CLOSED
+Payload of a ``PageBatch``: by default ``Payload`` events (copies, for
+tests and tools). With ``payload_passthrough=True`` the decoder instead
+returns ``PayloadFollows(nbytes)`` after the batch: the next ``nbytes`` of
+the stream are the caller's, to read into its own buffers (guest memory)
+and report with ``payload_received(n)``; bytes that already reached the
+decoder as chunks are taken with ``readinto_payload(dest)``::
+
+    next_event:  Hello ... PageBatch  PayloadFollows(n)  RoundEnd ... CLOSED
+    bytes:       [prefix][body] ...   [prefix][body]  <- n payload bytes ->  [prefix][body]
+    who reads:   decoder's buffers                     caller's buffers     decoder's buffers
 """
 
 from __future__ import annotations
@@ -59,6 +70,7 @@ __all__ = [
     "MAX_INCOMPLETE_FRAME_BYTES",
     "FramePrefix",
     "Payload",
+    "PayloadFollows",
     "NEED_DATA",
     "CLOSED",
     "parse_prefix",
@@ -114,6 +126,20 @@ class Payload:
 
     def __repr__(self) -> str:  # never dump page contents into a traceback
         return f"Payload(<{len(self.data)} bytes>)"
+
+
+@dataclass(frozen=True, slots=True)
+class PayloadFollows:
+    """The next ``nbytes`` bytes of the stream are the payload of the
+    ``PageBatch`` just returned (pass-through mode only).
+
+    The caller takes them: ``payload_received(n)`` for bytes it read from the
+    stream into its own buffers, ``readinto_payload(dest)`` for bytes that
+    already reached the decoder through ``receive_data``.  Until all are
+    taken, ``next_event`` keeps returning ``PayloadFollows`` with what is left.
+    """
+
+    nbytes: int
 
 
 def parse_prefix(data: bytes | bytearray | memoryview) -> FramePrefix:
@@ -225,34 +251,62 @@ def encode_frame(msg: Message) -> bytes:
 
 
 class FrameDecoder:
-    """Incremental frame decoder (h11 ``receive_data``/``next_event`` style).
+    """Incremental frame decoder: the one frame parser of livemig.
 
-    Events: a ``Message``; then, after a ``PageBatch`` with a payload, one or
-    more ``Payload`` chunks totalling ``payload_len`` bytes; ``NEED_DATA``;
+    Events from ``next_event()``: a ``Message``; after a ``PageBatch`` with a
+    payload, either ``Payload`` chunks totalling ``payload_len`` bytes or,
+    with ``payload_passthrough=True``, ``PayloadFollows``; ``NEED_DATA``;
     ``CLOSED`` (EOF at a frame boundary).  EOF anywhere else raises
     ``RemoteProtocolError(TRUNCATED)``.
 
-    Memory bound: the prefix is checked as soon as its 16 bytes are here
-    (magic even sooner), so an incomplete frame never occupies more than
-    ``MAX_INCOMPLETE_FRAME_BYTES``.  Payload bytes are handed out as they
-    arrive, never accumulated.
+    Input: chunks through ``receive_data`` (any sizes, ``b""`` = EOF), or
+    exact reads through ``get_buffer``/``buffer_updated`` (an
+    ``asyncio.BufferedProtocol`` maps onto them one to one).  One state
+    machine serves both: prefix (``PREFIX_SIZE`` bytes) -> body
+    (``body_len``) -> payload (``payload_len``) -> prefix ...
+
+    Memory bound: the magic is checked on its first byte, the whole prefix
+    (type, flags, sizes) as soon as its 16 bytes are here and before the body
+    buffer exists, so an incomplete frame never occupies more than
+    ``MAX_INCOMPLETE_FRAME_BYTES``.  Payload bytes are never accumulated: they
+    are handed out as they arrive, or (pass-through) never touch the decoder.
 
     After an error, every call raises a ``RemoteProtocolError`` again.
     """
 
-    __slots__ = ("_buf", "_eof", "_prefix", "_payload_left", "_error")
+    __slots__ = (
+        "_passthrough",
+        "_pending",
+        "_eof",
+        "_head",
+        "_head_got",
+        "_prefix",
+        "_body",
+        "_body_got",
+        "_payload_left",
+        "_error",
+    )
 
-    def __init__(self) -> None:
-        self._buf = bytearray()
+    def __init__(self, *, payload_passthrough: bool = False) -> None:
+        self._passthrough = payload_passthrough
+        #: chunks from receive_data not yet moved into a piece or handed out
+        self._pending = bytearray()
         self._eof = False
+        #: the prefix piece; written in place, never resized (a BufferedProtocol
+        #: caller may still hold the view ``get_buffer`` returned)
+        self._head = bytearray(PREFIX_SIZE)
+        self._head_got = 0
         self._prefix: FramePrefix | None = None
+        #: the body piece, allocated once its prefix is checked
+        self._body: bytearray | None = None
+        self._body_got = 0
         self._payload_left = 0
         self._error: RemoteProtocolError | None = None
 
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as events."""
-        return len(self._buf)
+        return len(self._pending) + self._head_got + self._body_got
 
     @property
     def payload_remaining(self) -> int:
@@ -265,7 +319,9 @@ class FrameDecoder:
                 f"decoder unusable after earlier error: {self._error.reason}", self._error.code
             )
 
-    def receive_data(self, data: bytes) -> None:
+    # -- input: chunks ---------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes from the peer; ``b""`` means EOF."""
         self._raise_if_failed()
         if self._eof:
@@ -273,63 +329,166 @@ class FrameDecoder:
                 raise LocalProtocolError("received data after EOF")
             return
         if data:
-            self._buf += data
+            self._pending += data
         else:
             self._eof = True
 
-    def next_event(self) -> Message | Payload | type[NEED_DATA] | type[CLOSED]:  # type: ignore[valid-type]
+    # -- input: exact reads (zero copy) -------------------------------------------
+
+    def get_buffer(self) -> memoryview:
+        """Where the next stream bytes go: a writable view of exactly the bytes
+        still missing from the current prefix or body (never more, so a read
+        into it cannot cross a frame boundary).  Fill a prefix of it, then call
+        ``buffer_updated(n)`` and ``next_event()``.
+
+        Payload bytes are not read through here: after ``PayloadFollows`` they
+        go into the caller's own buffers (``payload_received``).
+        """
+        self._raise_if_failed()
+        if self._payload_left:
+            raise LocalProtocolError(
+                "payload bytes go to the caller's buffers (PayloadFollows, payload_received)"
+            )
+        if self._pending or self._eof:
+            raise LocalProtocolError("get_buffer after receive_data or EOF: use one input style")
+        prefix = self._prefix
+        if prefix is None:
+            if self._head_got < PREFIX_SIZE:
+                return memoryview(self._head)[self._head_got :]
+        elif self._body_got < prefix.body_len:
+            if self._body is None:
+                self._body = bytearray(prefix.body_len)
+            return memoryview(self._body)[self._body_got :]
+        raise LocalProtocolError("a frame piece is complete: call next_event first")
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``get_buffer`` view."""
+        self._raise_if_failed()
+        prefix = self._prefix
+        if self._payload_left:
+            raise LocalProtocolError("payload bytes are reported with payload_received")
+        if prefix is None:
+            if not 0 <= nbytes <= PREFIX_SIZE - self._head_got:
+                raise LocalProtocolError(f"buffer_updated({nbytes}) beyond the prefix")
+            self._head_got += nbytes
+        else:
+            if not 0 <= nbytes <= prefix.body_len - self._body_got:
+                raise LocalProtocolError(f"buffer_updated({nbytes}) beyond the {prefix.type.name} body")
+            self._body_got += nbytes
+
+    # -- payload pass-through ------------------------------------------------------
+
+    def payload_received(self, nbytes: int) -> None:
+        """The caller read ``nbytes`` payload bytes from the stream into its own
+        buffers (pass-through).  Hot path: a few integer checks, no copy."""
+        if self._error is not None or not self._passthrough:
+            self._raise_if_failed()
+            raise LocalProtocolError("payload_received needs payload_passthrough=True")
+        if self._pending:
+            # The stream's next bytes are already here: reading more from the
+            # stream now would put later bytes before them.
+            raise LocalProtocolError("payload bytes are buffered here: take them with readinto_payload")
+        if not 0 <= nbytes <= self._payload_left:
+            raise LocalProtocolError(
+                f"payload_received({nbytes}) but {self._payload_left} payload bytes remain"
+            )
+        self._payload_left -= nbytes
+
+    def readinto_payload(self, dest: bytearray | memoryview) -> int:
+        """Copy payload bytes that reached the decoder through ``receive_data``
+        into ``dest`` (pass-through); returns how many (0: none are buffered,
+        the rest is still in the stream)."""
+        self._raise_if_failed()
+        if not self._passthrough:
+            raise LocalProtocolError("readinto_payload needs payload_passthrough=True")
+        pending = self._pending
+        n = min(len(dest), self._payload_left, len(pending))
+        if n:
+            with memoryview(pending) as src:
+                dest[:n] = src[:n]
+            del pending[:n]
+            self._payload_left -= n
+        return n
+
+    # -- output --------------------------------------------------------------------
+
+    def next_event(self) -> Message | Payload | PayloadFollows | type[NEED_DATA] | type[CLOSED]:  # type: ignore[valid-type]
         """Return the next event, ``NEED_DATA`` or ``CLOSED``."""
         self._raise_if_failed()
         try:
             return self._next_event()
         except RemoteProtocolError as exc:
             self._error = exc
-            self._buf = bytearray()
+            self._pending = bytearray()
+            self._body = None
+            self._head_got = self._body_got = 0
             raise
 
-    def _next_event(self) -> Message | Payload | type[NEED_DATA] | type[CLOSED]:  # type: ignore[valid-type]
-        buf = self._buf
+    def _take(self, piece: bytearray, got: int, size: int) -> int:
+        """Move pending chunk bytes into ``piece[got:size]``; return the new fill."""
+        pending = self._pending
+        n = min(size - got, len(pending))
+        if n:
+            with memoryview(pending) as src:
+                piece[got : got + n] = src[:n]
+            del pending[:n]
+        return got + n
+
+    def _next_event(self) -> Message | Payload | PayloadFollows | type[NEED_DATA] | type[CLOSED]:  # type: ignore[valid-type]
+        pending = self._pending
         if self._payload_left:
-            if buf:
-                n = min(len(buf), self._payload_left)
-                chunk = bytes(buf[:n])
-                del buf[:n]
+            if pending:
+                if self._passthrough:
+                    return PayloadFollows(self._payload_left)
+                n = min(len(pending), self._payload_left)
+                chunk = bytes(pending[:n])
+                del pending[:n]
                 self._payload_left -= n
                 return Payload(chunk)
             if self._eof:
                 raise RemoteProtocolError(
                     f"EOF with {self._payload_left} payload bytes missing", ErrorCode.TRUNCATED
                 )
-            return NEED_DATA
+            return PayloadFollows(self._payload_left) if self._passthrough else NEED_DATA
 
         prefix = self._prefix
         if prefix is None:
-            if len(buf) < PREFIX_SIZE:
-                head = bytes(buf[:4])
-                if head != MAGIC[: len(head)]:  # fail fast on e.g. "GET /"
-                    parse_prefix(head)
+            got = self._head_got
+            if pending and got < PREFIX_SIZE:
+                got = self._head_got = self._take(self._head, got, PREFIX_SIZE)
+            if got < PREFIX_SIZE:
+                if got and self._head[: min(got, 4)] != MAGIC[: min(got, 4)]:
+                    parse_prefix(self._head[:got])  # fail fast on e.g. "GET /": BAD_MAGIC
                 if not self._eof:
                     return NEED_DATA
-                if not buf:
+                if not got:
                     return CLOSED
                 raise RemoteProtocolError(
-                    f"EOF inside a frame prefix ({len(buf)} of {PREFIX_SIZE} bytes)",
-                    ErrorCode.TRUNCATED,
+                    f"EOF inside a frame prefix ({got} of {PREFIX_SIZE} bytes)", ErrorCode.TRUNCATED
                 )
-            prefix = self._prefix = parse_prefix(buf)
+            prefix = self._prefix = parse_prefix(self._head)
 
-        end = PREFIX_SIZE + prefix.body_len
-        if len(buf) < end:
-            if self._eof:
-                raise RemoteProtocolError(
-                    f"EOF inside a {prefix.type.name} body "
-                    f"({len(buf) - PREFIX_SIZE} of {prefix.body_len} bytes)",
-                    ErrorCode.TRUNCATED,
-                )
-            return NEED_DATA
-        with memoryview(buf) as view:
-            msg = decode_body(prefix, view[PREFIX_SIZE:end])
-        del buf[:end]
-        self._prefix = None
+        size = prefix.body_len
+        body = self._body
+        if body is None and len(pending) >= size:
+            with memoryview(pending) as view:  # the whole body is here: no body buffer
+                msg = decode_body(prefix, view[:size])
+            del pending[:size]
+        else:
+            if body is None:
+                body = self._body = bytearray(size)
+            got = self._body_got
+            if pending:
+                got = self._body_got = self._take(body, got, size)
+            if got < size:
+                if self._eof:
+                    raise RemoteProtocolError(
+                        f"EOF inside a {prefix.type.name} body ({got} of {size} bytes)",
+                        ErrorCode.TRUNCATED,
+                    )
+                return NEED_DATA
+            msg = decode_body(prefix, body)
+        self._prefix = self._body = None
+        self._head_got = self._body_got = 0
         self._payload_left = prefix.payload_len
         return msg

@@ -1,14 +1,19 @@
 """The IO adapter between asyncio and the sans-IO protocol.
 
-``FrameProtocol`` is an ``asyncio.BufferedProtocol`` that reads each frame
-in exact pieces: the 16-byte prefix, then the msgpack body, then, for a
-``PageBatch``, the raw payload straight into guest memory. ``get_buffer``
-always returns exactly the bytes still missing from the current piece, so
-the kernel never copies a page anywhere but into its final place in the
-destination segment, and never reads past a frame boundary::
+``FrameProtocol`` is an ``asyncio.BufferedProtocol`` driving the one frame
+parser, ``protocol.framing.FrameDecoder``, with exact reads: ``get_buffer``
+returns the decoder's view of exactly the bytes still missing from the
+current prefix or body, and, after the decoder's ``PayloadFollows``, the
+payload sink's views of guest memory, one run at a time. The kernel copies
+each page once, into its final place in the destination segment, and never
+reads past a frame boundary::
 
     prefix(16) | body(body_len) | payload(payload_len) -> run0 slice, run1 slice, ...
     get_buffer: [prefix 16] [body n] [ram[run0]] [ram[run1]] ... [prefix 16] ...
+                 decoder.get_buffer()  sink views (decoder.payload_received)
+
+A batch of many small runs is read into one bounce buffer instead (one recv
+instead of one per 4 KiB run) and scattered with memcpy.
 
 Messages (never payloads) go to a bounded inbox; reading pauses while the
 inbox is full. Writes are ``transport.write`` of the encoded frame and of
@@ -27,7 +32,8 @@ import time
 from typing import Callable, Sequence
 
 from protocol import (
-    PREFIX_SIZE,
+    CLOSED,
+    NEED_DATA,
     Abort,
     ErrorCode,
     LocalProtocolError,
@@ -39,10 +45,9 @@ from protocol import (
     RemoteProtocolError,
     RoundAck,
     RoundEnd,
-    decode_body,
     encode_frame,
-    parse_prefix,
 )
+from protocol.framing import FrameDecoder, PayloadFollows
 
 from agent.errors import PeerError, PeerLost
 
@@ -51,6 +56,7 @@ LINGER_S = 1.0                  # after answering a bad peer, drain its input th
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 SCATTER_MIN_RUNS = 4            # batches of more runs than this, averaging at most
 SCATTER_AVG_BYTES = 64 * 1024   # ... this per run, are received through a bounce buffer
+DISCARD_BYTES = 65536           # read size while lingering after a protocol error
 
 PayloadSink = Callable[[PageBatch], Sequence[memoryview]]
 
@@ -72,18 +78,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._write_ok = asyncio.Event()
         self._write_ok.set()
         self._closed = asyncio.Event()
-        # read state machine
-        self._prefix = bytearray(PREFIX_SIZE)
-        self._pview = memoryview(self._prefix)
-        self._stage = 0            # 0 prefix, 1 body, 2 payload
-        self._got = 0
-        self._frame = None
-        self._body: bytearray | None = None
-        self._batch: PageBatch | None = None
-        self._targets: Sequence[memoryview] = ()
-        self._ti = 0
-        self._scatter: Sequence[memoryview] | None = None
+        # read side: the decoder owns prefix and body; a payload goes to _targets
+        self._decoder = FrameDecoder(payload_passthrough=True)
+        self._batch: PageBatch | None = None       # parsed, its payload not yet in
+        self._targets: Sequence[memoryview] = ()   # where the payload goes, in stream order
+        self._ti = 0                               # current target
+        self._got = 0                              # bytes of it filled
+        self._scatter: Sequence[memoryview] | None = None   # sink views behind the bounce buffer
         self._bounce = bytearray(0)
+        self._discard: memoryview | None = None    # set once a protocol error was answered
 
     # ---- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -95,73 +98,82 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._on_connect(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._stage == 3:
+        if self._targets:
+            return self._targets[self._ti][self._got:]
+        if self._discard is not None:
             return self._discard
-        if self._stage == 0:
-            return self._pview[self._got:]
-        if self._stage == 1:
-            return memoryview(self._body)[self._got:]
-        return self._targets[self._ti][self._got:]
+        return self._decoder.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_received += nbytes
         self.last_rx = time.monotonic()
-        if self._stage == 3:
-            return
-        self._got += nbytes
         try:
-            if self._stage == 0:
-                if self._got == PREFIX_SIZE:
-                    self._frame = parse_prefix(self._prefix)
-                    self._body = bytearray(self._frame.body_len)
-                    self._stage, self._got = 1, 0
-                    if self._frame.body_len == 0:
-                        self._body_done()
-            elif self._stage == 1:
-                if self._got == len(self._body):
-                    self._body_done()
+            if self._targets:
+                self._decoder.payload_received(nbytes)
+                got = self._got = self._got + nbytes
+                if got < len(self._targets[self._ti]):
+                    return
+                self._ti += 1
+                self._got = 0
+                if self._ti < len(self._targets):
+                    return
+                self._payload_done()
+            elif self._discard is not None:
+                return
             else:
-                if self._got == len(self._targets[self._ti]):
-                    self._ti += 1
-                    self._got = 0
-                    if self._ti == len(self._targets):
-                        if self._scatter is not None:
-                            src, off = self._targets[0], 0
-                            for t in self._scatter:
-                                n = len(t)
-                                t[:] = src[off:off + n]
-                                off += n
-                        self._release_targets()
-                        batch, self._batch = self._batch, None
-                        self._stage = 0
-                        self._deliver(batch)
+                self._decoder.buffer_updated(nbytes)
+            self._pump()
         except ProtocolError as exc:
             self._protocol_error(exc)
         except Exception as exc:  # a payload sink bug must not kill the loop
             self._protocol_error(RemoteProtocolError(f"internal error: {exc!r}", ErrorCode.INTERNAL))
 
-    def _body_done(self) -> None:
-        msg = decode_body(self._frame, bytes(self._body))
-        self._body = None
-        msg = self.session.receive(msg)
-        self._stage, self._got = 0, 0
-        if isinstance(msg, PageBatch) and msg.payload_len:
-            if self.payload_sink is None:
-                raise RemoteProtocolError("page batch outside a transfer", ErrorCode.UNEXPECTED)
-            targets = self.payload_sink(msg)
-            if sum(len(t) for t in targets) != msg.payload_len:
-                raise RemoteProtocolError("payload does not match its runs", ErrorCode.MALFORMED)
-            if len(targets) > SCATTER_MIN_RUNS and msg.payload_len <= SCATTER_AVG_BYTES * len(targets):
-                # Many small runs: one recv into a bounce buffer, then scatter with
-                # memcpy, instead of one recv_into syscall per 4 KiB run.
-                if len(self._bounce) < msg.payload_len:
-                    self._bounce = bytearray(msg.payload_len)
-                self._scatter = targets
-                targets = [memoryview(self._bounce)[:msg.payload_len]]
-            self._targets, self._ti, self._batch = targets, 0, msg
-            self._stage = 2
-            return
-        self._deliver(msg)
+    def _pump(self) -> None:
+        """Take every event the decoder has, up to a payload or more needed bytes."""
+        decoder = self._decoder
+        while True:
+            event = decoder.next_event()
+            if event is NEED_DATA or event is CLOSED:
+                return
+            if type(event) is PayloadFollows:
+                self._start_payload(event.nbytes)
+                return
+            msg = self.session.receive(event)
+            if type(msg) is PageBatch and msg.payload_len:
+                self._batch = msg              # delivered once its payload is in memory
+            else:
+                self._deliver(msg)
+
+    def _start_payload(self, nbytes: int) -> None:
+        msg = self._batch
+        if msg is None or nbytes != msg.payload_len:   # the decoder announces right after the batch
+            raise LocalProtocolError(f"payload of {nbytes} bytes without its batch")
+        if self.payload_sink is None:
+            raise RemoteProtocolError("page batch outside a transfer", ErrorCode.UNEXPECTED)
+        targets = self.payload_sink(msg)
+        if sum(len(t) for t in targets) != nbytes:
+            for t in targets:
+                t.release()
+            raise RemoteProtocolError("payload does not match its runs", ErrorCode.MALFORMED)
+        if len(targets) > SCATTER_MIN_RUNS and nbytes <= SCATTER_AVG_BYTES * len(targets):
+            # Many small runs: one recv into a bounce buffer, then scatter with
+            # memcpy, instead of one recv_into syscall per 4 KiB run.
+            if len(self._bounce) < nbytes:
+                self._bounce = bytearray(nbytes)
+            self._scatter = targets
+            targets = [memoryview(self._bounce)[:nbytes]]
+        self._targets, self._ti, self._got = targets, 0, 0
+
+    def _payload_done(self) -> None:
+        if self._scatter is not None:
+            src, off = self._targets[0], 0
+            for t in self._scatter:
+                n = len(t)
+                t[:] = src[off:off + n]
+                off += n
+        self._release_targets()
+        batch, self._batch = self._batch, None
+        self._deliver(batch)
 
     def _release_targets(self) -> None:
         for t in self._targets:
@@ -196,21 +208,28 @@ class FrameProtocol(asyncio.BufferedProtocol):
             # Without its traceback: the frames would keep views of guest memory alive.
             self.failure = exc.with_traceback(None)
         self._release_targets()
+        self._batch = None
+        if self._discard is None:   # nothing more is parsed: the decoder is in its error state
+            self._discard = memoryview(bytearray(DISCARD_BYTES))
         tr = self.transport
         if tr is not None and not tr.is_closing():
             # Lingering close: answer, half-close, and swallow what the peer still
             # sends, so our Abort is not lost to a reset caused by unread input.
             tr.write(encode_frame(Abort(code=exc.code, reason=str(exc)[:1000])))
-            self._stage = 3
-            self._discard = memoryview(bytearray(65536))
             if tr.can_write_eof():
                 tr.write_eof()
             asyncio.get_running_loop().call_later(LINGER_S, tr.close)
         self._wake()
 
     def eof_received(self) -> bool:
-        if (self._stage in (1, 2) or (self._stage == 0 and self._got)) and self.failure is None:
-            self.failure = RemoteProtocolError("connection closed in the middle of a frame", ErrorCode.TRUNCATED)
+        if self._discard is None:
+            try:
+                self._decoder.receive_data(b"")
+                self._decoder.next_event()     # CLOSED at a frame boundary, else TRUNCATED
+            except ProtocolError as exc:
+                if self.failure is None:
+                    self.failure = exc.with_traceback(None)
+                self._release_targets()
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:

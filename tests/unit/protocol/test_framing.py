@@ -1,7 +1,9 @@
-"""Frame codec: prefix checks, body decoding, incremental FrameDecoder."""
+"""Frame codec: prefix checks, body decoding, incremental FrameDecoder
+(chunks, exact reads, payload pass-through)."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import msgpack
@@ -36,8 +38,23 @@ from protocol import (
     encode_frame,
     parse_prefix,
 )
+from protocol.framing import PayloadFollows
+
+from .conftest import make_examples
 
 ALL_TYPES = list(MsgType)
+
+
+def batch(runs: tuple[tuple[int, int], ...], flags: BatchFlags = BatchFlags.NONE) -> PageBatch:
+    """A PageBatch of ``runs`` (its other fields as in the shared example)."""
+    pages = sum(count for _, count in runs)
+    return dataclasses.replace(
+        make_examples()[MsgType.PAGE_BATCH],
+        round=0,
+        runs=runs,
+        flags=flags,
+        payload_len=0 if flags & BatchFlags.ZERO else pages * PAGE_SIZE,
+    )
 
 
 def raw_frame(msg_type: int, body: bytes, payload_len: int = 0, flags: int = 0, magic: bytes = MAGIC) -> bytes:
@@ -110,11 +127,11 @@ def test_golden_prefix():
 
 
 def test_page_batch_frame_announces_payload_but_excludes_it():
-    batch = PageBatch(round=0, runs=((7, 1),), flags=BatchFlags.NONE, payload_len=PAGE_SIZE)
-    frame = encode_frame(batch)
+    msg = batch(((7, 1),))
+    frame = encode_frame(msg)
     prefix = parse_prefix(frame[:PREFIX_SIZE])
     assert prefix == FramePrefix(MsgType.PAGE_BATCH, len(frame) - PREFIX_SIZE, PAGE_SIZE)
-    assert decode_body(prefix, frame[PREFIX_SIZE:]) == batch
+    assert decode_body(prefix, frame[PREFIX_SIZE:]) == msg
 
 
 def test_encode_frame_rejects_non_messages():
@@ -163,10 +180,10 @@ def test_stream_of_all_examples_whole_vs_bytewise(examples, zero_batch):
 
 
 def test_payload_chunks_never_exceed_remaining():
-    batch = PageBatch(round=0, runs=((0, 2),), flags=BatchFlags.NONE, payload_len=2 * PAGE_SIZE)
+    msg = batch(((0, 2),))
     decoder = FrameDecoder()
-    decoder.receive_data(encode_frame(batch) + b"a" * 100)
-    assert decoder.next_event() == batch
+    decoder.receive_data(encode_frame(msg) + b"a" * 100)
+    assert decoder.next_event() == msg
     assert decoder.payload_remaining == 2 * PAGE_SIZE
     assert decoder.next_event() == Payload(b"a" * 100)
     assert decoder.next_event() is NEED_DATA
@@ -220,7 +237,7 @@ def test_good_partial_magic_waits(head):
     assert decoder.next_event() is NEED_DATA
 
 
-@pytest.mark.parametrize("msg_type", [0, 19, 0x100, 0xFFFF])
+@pytest.mark.parametrize("msg_type", [0, max(MsgType) + 1, 0x100, 0xFFFF])
 def test_unknown_type(msg_type):
     err = remote_error(ErrorCode.UNKNOWN_TYPE, raw_frame(msg_type, b"\x80"))
     assert str(msg_type) in str(err)
@@ -326,16 +343,17 @@ def test_body_of_another_type():
 
 @pytest.mark.parametrize("prefix_payload", [0, PAGE_SIZE - 1, 2 * PAGE_SIZE])
 def test_page_batch_payload_len_mismatch(prefix_payload):
-    batch = PageBatch(round=0, runs=((7, 1),), flags=BatchFlags.NONE, payload_len=PAGE_SIZE)
-    body = msgpack.packb(batch.to_body())
+    body = msgpack.packb(batch(((7, 1),)).to_body())
     err = remote_error(ErrorCode.MALFORMED, raw_frame(MsgType.PAGE_BATCH, body, payload_len=prefix_payload))
     assert "payload_len" in str(err)
 
 
 def test_page_batch_too_many_runs_in_frame():
-    body = msgpack.packb({"round": 0, "runs": [0, 1] * (MAX_BATCH_RUNS + 1), "flags": 1, "payload_len": 0})
-    remote_error(ErrorCode.MALFORMED, raw_frame(MsgType.PAGE_BATCH, body))
-    body = msgpack.packb({"round": 0, "runs": [0, 1] * (MAX_BATCH_RUNS + 100), "flags": 1, "payload_len": 0})
+    base = batch(((0, 1),), BatchFlags.ZERO).to_body()
+    body = msgpack.packb({**base, "runs": [0, 1] * (MAX_BATCH_RUNS + 1)})
+    err = remote_error(ErrorCode.MALFORMED, raw_frame(MsgType.PAGE_BATCH, body))
+    assert "runs" in str(err)
+    body = msgpack.packb({**base, "runs": [0, 1] * (MAX_BATCH_RUNS + 100)})
     remote_error(ErrorCode.MALFORMED, raw_frame(MsgType.PAGE_BATCH, body))  # beyond max_array_len
 
 
@@ -369,8 +387,7 @@ def test_truncated_at_every_cut_point(examples):
 
 
 def test_truncated_mid_payload():
-    batch = PageBatch(round=0, runs=((0, 1),), flags=BatchFlags.NONE, payload_len=PAGE_SIZE)
-    err = remote_error(ErrorCode.TRUNCATED, encode_frame(batch) + b"x" * 10, eof=True)
+    err = remote_error(ErrorCode.TRUNCATED, encode_frame(batch(((0, 1),))) + b"x" * 10, eof=True)
     assert str(PAGE_SIZE - 10) in str(err)
 
 
@@ -420,3 +437,150 @@ def test_events_are_messages():
 def test_struct_layout_is_big_endian():
     assert PREFIX.format in ("!4sHHII", b"!4sHHII")
     assert struct.calcsize("!4sHHII") == PREFIX_SIZE
+
+
+# -- exact reads and payload pass-through (the agent's transport) --------------------
+
+
+def read_exactly(decoder: FrameDecoder, stream: bytes, pos: int, limit: int) -> int:
+    """One recv_into as a BufferedProtocol does it: at most ``limit`` bytes into
+    the decoder's own view; returns the new stream position."""
+    view = decoder.get_buffer()
+    n = min(len(view), limit, len(stream) - pos)
+    view[:n] = stream[pos : pos + n]
+    decoder.buffer_updated(n)
+    return pos + n
+
+
+def test_get_buffer_is_exactly_the_missing_piece():
+    msg = batch(((3, 2),))
+    frame = encode_frame(msg)
+    decoder = FrameDecoder(payload_passthrough=True)
+    assert len(decoder.get_buffer()) == PREFIX_SIZE
+    pos = read_exactly(decoder, frame, 0, 5)
+    assert decoder.next_event() is NEED_DATA
+    assert len(decoder.get_buffer()) == PREFIX_SIZE - 5
+    pos = read_exactly(decoder, frame, pos, 100)
+    assert pos == PREFIX_SIZE  # the prefix view ended at the prefix
+    assert decoder.next_event() is NEED_DATA
+    assert len(decoder.get_buffer()) == len(frame) - PREFIX_SIZE  # exactly the body
+    pos = read_exactly(decoder, frame, pos, 1 << 20)
+    assert pos == len(frame)
+    assert decoder.next_event() == msg
+    assert decoder.next_event() == PayloadFollows(2 * PAGE_SIZE)
+    with pytest.raises(LocalProtocolError):
+        decoder.get_buffer()  # the payload is the caller's
+    decoder.payload_received(PAGE_SIZE)
+    assert decoder.next_event() == PayloadFollows(PAGE_SIZE)
+    decoder.payload_received(PAGE_SIZE)
+    assert decoder.payload_remaining == 0
+    assert decoder.next_event() is NEED_DATA
+    assert len(decoder.get_buffer()) == PREFIX_SIZE
+    decoder.receive_data(b"")
+    assert decoder.next_event() is CLOSED
+
+
+def test_exact_reads_of_empty_and_max_bodies():
+    empty = raw_frame(MsgType.COMMITTED, b"")  # body_len 0: decoded (and refused) with no read
+    decoder = FrameDecoder(payload_passthrough=True)
+    read_exactly(decoder, empty, 0, 64)
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_event()
+    assert info.value.code is ErrorCode.MALFORMED
+    decoder = FrameDecoder(payload_passthrough=True)
+    read_exactly(decoder, PREFIX.pack(MAGIC, MsgType.STATE_TRANSFER, 0, MAX_FRAME_BYTES, 0), 0, 64)
+    assert decoder.next_event() is NEED_DATA
+    assert len(decoder.get_buffer()) == MAX_FRAME_BYTES
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        PREFIX.pack(MAGIC, MsgType.STATE_TRANSFER, 0, MAX_FRAME_BYTES + 1, 0),
+        PREFIX.pack(MAGIC, MsgType.PAGE_BATCH, 0, 10, MAX_PAYLOAD_BYTES + 1),
+    ],
+)
+def test_exact_reads_check_limits_before_the_body_buffer(prefix):
+    decoder = FrameDecoder(payload_passthrough=True)
+    read_exactly(decoder, prefix, 0, 64)
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_event()
+    assert info.value.code is ErrorCode.TOO_LARGE
+    assert decoder.buffered == 0
+    with pytest.raises(RemoteProtocolError):
+        decoder.get_buffer()  # sticky
+
+
+@pytest.mark.parametrize("head", [b"G", b"GET ", b"\x16\x03\x01"])
+def test_exact_reads_fail_fast_on_bad_magic(head):
+    decoder = FrameDecoder(payload_passthrough=True)
+    read_exactly(decoder, head, 0, 64)
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_event()
+    assert info.value.code is ErrorCode.BAD_MAGIC
+
+
+def test_passthrough_takes_buffered_payload_then_the_stream():
+    msg = batch(((0, 1), (9, 2)))
+    payload = bytes(range(256)) * (msg.payload_len // 256)
+    decoder = FrameDecoder(payload_passthrough=True)
+    decoder.receive_data(encode_frame(msg) + payload[:100])
+    assert decoder.next_event() == msg
+    assert decoder.next_event() == PayloadFollows(msg.payload_len)
+    target = bytearray(msg.payload_len)
+    assert decoder.readinto_payload(memoryview(target)[:40]) == 40
+    with pytest.raises(LocalProtocolError):
+        decoder.payload_received(1)  # 60 buffered bytes come first
+    assert decoder.readinto_payload(memoryview(target)[40:]) == 60
+    assert decoder.readinto_payload(memoryview(target)[100:]) == 0  # the rest is in the stream
+    assert decoder.buffered == 0
+    assert decoder.next_event() == PayloadFollows(msg.payload_len - 100)
+    target[100:] = payload[100:]  # as a recv_into the caller's buffer would
+    decoder.payload_received(msg.payload_len - 100)
+    assert bytes(target) == payload
+    decoder.receive_data(encode_frame(Committed()))
+    assert decoder.next_event() == Committed()
+
+
+def test_passthrough_payload_bytes_never_become_events():
+    msg = batch(((0, 1),))
+    decoder = FrameDecoder(payload_passthrough=True)
+    decoder.receive_data(encode_frame(msg) + b"p" * PAGE_SIZE + encode_frame(Committed()))
+    assert decoder.next_event() == msg
+    for _ in range(3):  # repeated until taken; never a Payload, never the next frame
+        assert decoder.next_event() == PayloadFollows(PAGE_SIZE)
+    assert decoder.readinto_payload(bytearray(PAGE_SIZE)) == PAGE_SIZE
+    assert decoder.next_event() == Committed()
+
+
+def test_passthrough_eof_mid_payload_is_truncated():
+    decoder = FrameDecoder(payload_passthrough=True)
+    decoder.receive_data(encode_frame(batch(((0, 1),))))
+    decoder.next_event()
+    decoder.payload_received(10)
+    decoder.receive_data(b"")
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_event()
+    assert info.value.code is ErrorCode.TRUNCATED
+    assert str(PAGE_SIZE - 10) in str(info.value)
+
+
+def test_exact_read_misuse_is_local():
+    decoder = FrameDecoder(payload_passthrough=True)
+    with pytest.raises(LocalProtocolError):
+        decoder.buffer_updated(PREFIX_SIZE + 1)  # more than the view holds
+    with pytest.raises(LocalProtocolError):
+        decoder.payload_received(1)  # no payload announced
+    decoder.receive_data(b"LM")
+    with pytest.raises(LocalProtocolError):
+        decoder.get_buffer()  # chunks and exact reads are not mixed
+    decoder = FrameDecoder(payload_passthrough=True)
+    read_exactly(decoder, encode_frame(Committed()), 0, PREFIX_SIZE)
+    with pytest.raises(LocalProtocolError):
+        decoder.get_buffer()  # a complete prefix waits for next_event
+    decoder = FrameDecoder()  # payloads as events
+    decoder.receive_data(encode_frame(batch(((0, 1),))))
+    decoder.next_event()
+    for call in (lambda: decoder.payload_received(1), lambda: decoder.readinto_payload(bytearray(8))):
+        with pytest.raises(LocalProtocolError):
+            call()
