@@ -49,8 +49,12 @@ from .messages import (
     Resumed,
     RoundAck,
     RoundEnd,
+    SectionState,
     StateTransfer,
     Welcome,
+    MAX_SECTIONS,
+    QUERY_STATES,
+    VERIFY_MODES,
 )
 from .session import ABORTABLE_STATES, TRANSITIONS, MigrationSession, Role, SessionState
 from .wire import (
@@ -119,8 +123,12 @@ __all__ = [
     "Query",
     "QueryResult",
     "Abort",
+    "SectionState",
     "REGISTRY",
     "MAX_BLOB_BYTES",
+    "MAX_SECTIONS",
+    "QUERY_STATES",
+    "VERIFY_MODES",
     # framing
     "PREFIX",
     "PREFIX_SIZE",

@@ -17,9 +17,9 @@ Body encoding (msgpack map, keys are the field names)::
 
 Worked ``PageBatch`` example (pages 3,4 and 9 of guest RAM, round 2)::
 
-    PageBatch(round=2, runs=((3, 2), (9, 1)), flags=BatchFlags.NONE,
+    PageBatch(section=0, round=2, runs=((3, 2), (9, 1)), flags=BatchFlags.NONE,
               payload_len=3 * 4096)
-    body    {"round": 2, "runs": [3, 2, 9, 1], "flags": 0, "payload_len": 12288}
+    body    {"section": 0, "round": 2, "runs": [3, 2, 9, 1], "flags": 0, "payload_len": 12288}
     payload | page 3 | page 4 | page 9 |   (raw, after the frame, not msgpack)
 
 With ``flags=ZERO`` the same runs announce zero pages and ``payload_len`` is 0.
@@ -70,6 +70,10 @@ __all__ = [
     "QueryResult",
     "Abort",
     "RoundAck",
+    "SectionState",
+    "QUERY_STATES",
+    "VERIFY_MODES",
+    "MAX_SECTIONS",
     "REGISTRY",
     "MAX_BLOB_BYTES",
     "WELCOME_STATUSES",
@@ -84,6 +88,16 @@ MAX_BLOB_BYTES: Final = MAX_FRAME_BYTES - _BODY_OVERHEAD
 _ERROR_CODES: Final = frozenset(int(c) for c in ErrorCode)
 #: What a Welcome may say of the destination.
 WELCOME_STATUSES: Final = frozenset({"accepting", "maintenance"})
+#: What a QueryResult may say of a migration id: the destination runs the VM
+#: (a copy verified before it resumed: since v2 nothing else ever runs),
+#: had it and discarded it, is still deciding, or never heard of it.
+QUERY_STATES: Final = frozenset({"running", "discarded", "in-progress", "unknown"})
+#: How memory is proven equal before the destination resumes.
+VERIFY_MODES: Final = frozenset({"incremental", "full"})
+#: Sections per migration (RAM, disks, device state...); also bounded by MAX_FEATURES
+#: as a tuple of names in Prepare (both 64).
+MAX_SECTIONS: Final = 64
+
 _KNOWN_FLAGS: Final = int(BatchFlags.ZERO)
 
 # Field kinds, derived from the dataclass annotations by ``_register``.
@@ -130,6 +144,11 @@ def _check_str(msg: Message, name: str, value: object) -> None:
 def _check_id(msg: Message, name: str, value: str) -> None:
     if not 1 <= len(value) <= MAX_ID_CHARS:
         raise _fail(msg, f"{name} must be 1..{MAX_ID_CHARS} characters")
+
+
+def _check_section(msg: Message, value: int) -> None:
+    if value >= MAX_SECTIONS:
+        raise _fail(msg, f"section={value} out of range 0..{MAX_SECTIONS - 1}")
 
 
 def _check_len(msg: Message, name: str, value: bytes, *lengths: int) -> None:
@@ -379,9 +398,12 @@ class Prepare(Message):
     workload: str
     features: tuple[str, ...]
     source: str
-    #: page runs of the source's memory that hold data (the rest was never
-    #: written): the destination pre-faults only these. Empty = none.
-    populated: tuple[tuple[int, int], ...]
+    #: section names, in id order (``PageBatch.section`` etc. index this)
+    sections: tuple[str, ...]
+    #: msgpack array, one setup map per section (each section validates its own)
+    setup: bytes
+    #: "incremental" or "full" (see VERIFY_MODES)
+    verify_mode: str
 
     def _check(self) -> None:
         _check_id(self, "migration_id", self.migration_id)
@@ -390,10 +412,10 @@ class Prepare(Message):
             raise _fail(
                 self, f"memory_bytes={self.memory_bytes} must be a positive multiple of {PAGE_SIZE}"
             )
-        if self.populated:
-            _, _, end = _check_runs(self, self.populated, "populated")
-            if end > self.memory_bytes // PAGE_SIZE:
-                raise _fail(self, f"populated runs end at page {end}, beyond the VM's memory")
+        if not 1 <= len(self.sections) <= MAX_SECTIONS or len(set(self.sections)) != len(self.sections):
+            raise _fail(self, f"sections must be 1..{MAX_SECTIONS} distinct names")
+        if self.verify_mode not in VERIFY_MODES:
+            raise _fail(self, f"verify_mode={self.verify_mode!r} is not one of {sorted(VERIFY_MODES)}")
 
 
 @_register
@@ -418,6 +440,7 @@ class PageBatch(Message):
     """
 
     TYPE: ClassVar[MsgType] = MsgType.PAGE_BATCH
+    section: int
     round: int
     runs: tuple[tuple[int, int], ...]
     flags: BatchFlags
@@ -430,6 +453,7 @@ class PageBatch(Message):
         return self._pages
 
     def _check(self) -> None:
+        _check_section(self, self.section)
         pages, _, _ = _check_runs(self, self.runs, "runs")
         if pages > MAX_BATCH_PAGES:
             raise _fail(self, f"{pages} pages, limit {MAX_BATCH_PAGES}")
@@ -472,9 +496,12 @@ class StateTransfer(Message):
 @_register
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Digests(Message):
-    """DESTINATION -> SOURCE: one 16-byte xxh3-128 digest per ``chunk_pages``."""
+    """DESTINATION -> SOURCE, after StateTransfer and before Resume: one
+    16-byte xxh3-128 digest per ``chunk_pages`` (4 KiB units) of one section,
+    as the destination holds it while its guest is still paused."""
 
     TYPE: ClassVar[MsgType] = MsgType.DIGESTS
+    section: int
     chunk_pages: int
     digests: bytes
 
@@ -484,6 +511,7 @@ class Digests(Message):
         return len(self.digests) // DIGEST_BYTES
 
     def _check(self) -> None:
+        _check_section(self, self.section)
         if self.chunk_pages < 1:
             raise _fail(self, "chunk_pages must be >= 1")
         if len(self.digests) % DIGEST_BYTES:
@@ -493,7 +521,8 @@ class Digests(Message):
 @_register
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Resume(Message):
-    """SOURCE -> DESTINATION: digests matched, start the guest."""
+    """SOURCE -> DESTINATION: every section's digests matched the frozen
+    source: start the guest (the only way a destination guest ever runs)."""
 
     TYPE: ClassVar[MsgType] = MsgType.RESUME
     migration_id: str
@@ -557,6 +586,8 @@ class QueryResult(Message):
 
     def _check(self) -> None:
         _check_id(self, "migration_id", self.migration_id)
+        if self.state not in QUERY_STATES:
+            raise _fail(self, f"state={self.state!r} is not one of {sorted(QUERY_STATES)}")
 
 
 @_register
@@ -579,6 +610,21 @@ class RoundAck(Message):
 
     TYPE: ClassVar[MsgType] = MsgType.ROUND_ACK
     round: int
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SectionState(Message):
+    """SOURCE -> DESTINATION during the transfer or at the pause: a small
+    blob of one section's state (e.g. device registers), applied by the
+    destination's half of that section."""
+
+    TYPE: ClassVar[MsgType] = MsgType.SECTION_STATE
+    section: int
+    data: bytes
+
+    def _check(self) -> None:
+        _check_section(self, self.section)
 
 
 _missing = set(MsgType) - REGISTRY.keys()

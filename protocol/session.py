@@ -34,19 +34,20 @@ The conversation (S = SOURCE, connects; D = DESTINATION, accepts)::
     TRANSFER   --S PageBatch | RoundEnd--> TRANSFER
     TRANSFER   --D RoundAck-->      TRANSFER      (the round's pages are in memory;
                                                    also seen late in SWITCHOVER/RESUMING)
+    TRANSFER   --S SectionState-->  TRANSFER
     TRANSFER   --S StateTransfer--> SWITCHOVER
-    SWITCHOVER --S Resume-->        RESUMING
-    RESUMING   --D Resumed-->       VERIFYING
-    VERIFYING  --D Digests-->       COMMITTING
-    COMMITTING --S Commit-->        COMMIT_SENT      (or S Abort: verification failed)
-
-The destination resumes before verification ends: it hashes what it holds
-while it receives, answers Resumed, then sends its digests; the source
-hashes its frozen copy meanwhile and commits only if they match (DESIGN
-step 5: verification may finish after the destination resumes, as long as
-the source copy is kept until it passes).
+    SWITCHOVER --D Digests-->       SWITCHOVER       (one per section, guest still paused)
+    SWITCHOVER --S Resume-->        RESUMING         (or S Abort: verification failed)
+    RESUMING   --D Resumed-->       COMMITTING
+    COMMITTING --S Commit-->        COMMIT_SENT
     COMMIT_SENT --D Committed-->    CLOSED
     any state from AUTH to COMMIT_SENT --S or D Abort--> CLOSED
+
+Verification comes before resume (protocol v2): the destination's guest
+starts only on Resume, and the source sends Resume only after every
+section's digests matched its frozen copy. A lost Abort therefore cannot
+make the destination run memory known to be wrong: without Resume it
+discards on EOF or timeout.
 """
 
 from __future__ import annotations
@@ -98,13 +99,11 @@ class SessionState(enum.Enum):
     PREPARING = "preparing"
     #: SOURCE sends PageBatch/RoundEnd, then StateTransfer
     TRANSFER = "transfer"
-    #: StateTransfer sent; SOURCE sends Resume
+    #: StateTransfer sent; DESTINATION sends Digests, SOURCE then Resume
     SWITCHOVER = "switchover"
     #: Resume sent; DESTINATION answers Resumed
     RESUMING = "resuming"
-    #: Resumed sent; DESTINATION sends Digests
-    VERIFYING = "verifying"
-    #: Digests sent; SOURCE sends Commit (or Abort if they do not match)
+    #: Resumed sent; SOURCE sends Commit
     COMMITTING = "committing"
     #: Commit sent; DESTINATION answers Committed
     COMMIT_SENT = "commit-sent"
@@ -129,7 +128,6 @@ ABORTABLE_STATES: Final = frozenset(
         _St.QUERYING,
         _St.PREPARING,
         _St.TRANSFER,
-        _St.VERIFYING,
         _St.SWITCHOVER,
         _St.RESUMING,
         _St.COMMITTING,
@@ -157,10 +155,14 @@ TRANSITIONS: Final[Mapping[tuple[Role, SessionState, MsgType], SessionState]] = 
     # StateTransfer/Resume when the ack of its last round arrives.
     (_D, _St.SWITCHOVER, _T.ROUND_ACK): _St.SWITCHOVER,
     (_D, _St.RESUMING, _T.ROUND_ACK): _St.RESUMING,
+    (_S, _St.TRANSFER, _T.SECTION_STATE): _St.TRANSFER,
     (_S, _St.TRANSFER, _T.STATE_TRANSFER): _St.SWITCHOVER,
+    # Verification before resume: the destination sends one Digests per
+    # section while its guest is still paused; the source compares with its
+    # frozen copy and sends Resume only when every section matched.
+    (_D, _St.SWITCHOVER, _T.DIGESTS): _St.SWITCHOVER,
     (_S, _St.SWITCHOVER, _T.RESUME): _St.RESUMING,
-    (_D, _St.RESUMING, _T.RESUMED): _St.VERIFYING,
-    (_D, _St.VERIFYING, _T.DIGESTS): _St.COMMITTING,
+    (_D, _St.RESUMING, _T.RESUMED): _St.COMMITTING,
     (_S, _St.COMMITTING, _T.COMMIT): _St.COMMIT_SENT,
     (_D, _St.COMMIT_SENT, _T.COMMITTED): _St.CLOSED,
     **{

@@ -34,9 +34,9 @@ __all__ = [
 ]
 
 #: Highest protocol version this implementation speaks.
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 #: Lowest protocol version this implementation still speaks.
-MIN_PROTOCOL_VERSION: Final = 1
+MIN_PROTOCOL_VERSION: Final = 2
 
 #: First four bytes of every frame.  Anything else (an HTTP request, TLS
 #: ClientHello, port scanner garbage) fails with ``ErrorCode.BAD_MAGIC``.
@@ -94,6 +94,7 @@ class MsgType(enum.IntEnum):
     QUERY_RESULT = 16
     ABORT = 17
     ROUND_ACK = 18
+    SECTION_STATE = 19
 
 
 class ErrorCode(enum.IntEnum):

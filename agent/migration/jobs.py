@@ -21,6 +21,8 @@ class Job:
         self.stats = MigrationStats()
         self.error: str | None = None
         self.verified = False
+        self.verify_failed = False
+        self.peer_agent = ""
         self.slots: int | None = None
         self.priority = 0
         self.targets: list[str] = [destination] if destination else []
@@ -116,6 +118,7 @@ class Job:
             "throttle_pct": s.throttle_pct,
             "convergence": s.convergence,
             "verified": self.verified,
+            "verify_mode": s.verify_mode,
             "verify_ms": round(s.verify_ms, 1),
             "prefault_ms": round(s.prefault_ms, 1),
             "guest_rate_before_pps": s.guest_rate_before_pps,

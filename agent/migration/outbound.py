@@ -67,7 +67,8 @@ async def choose_target(host: Host, vm: Vm, job: Job) -> str | None:
     return best
 
 
-async def run_outbound(host: Host, job: Job, vm: Vm, *, downtime_ms=None, max_bandwidth_mibps=None) -> None:
+async def run_outbound(host: Host, job: Job, vm: Vm, *, downtime_ms=None, max_bandwidth_mibps=None,
+                       verify: str | None = None) -> None:
     attempt = 0
     no_room = 0
     try:
@@ -89,7 +90,7 @@ async def run_outbound(host: Host, job: Job, vm: Vm, *, downtime_ms=None, max_ba
                 try:
                     driver = SourceMigration(host, job, vm, peer_host, peer_port, downtime_target_ms=downtime_ms,
                                              max_bandwidth_mibps=max_bandwidth_mibps,
-                                             requeue_on_full=len(job.targets) > 1)
+                                             requeue_on_full=len(job.targets) > 1, verify=verify)
                     requeued = await driver.run()
                 finally:
                     host.slots.release()

@@ -5,8 +5,8 @@ only from the phase the caller expects, and only along ``TRANSITIONS``.
 Both drivers (source and destination) use the same vocabulary; the values
 are what logs, ``jobs --json`` and reports show.
 
-    queued -> negotiate -> setup -> precopy -> stop-and-copy -> resume
-           -> verify -> commit -> completed
+    queued -> negotiate -> setup -> precopy -> stop-and-copy -> verify
+           -> resume -> commit -> completed
     negotiate/setup -> queued   (destination busy: wait and retry)
     any non-final phase -> cancelling -> cancelled
     any non-final phase -> rolling-back -> failed
@@ -37,7 +37,7 @@ class MigrationPhase(enum.Enum):
 
 
 P = MigrationPhase
-_ACTIVE = (P.QUEUED, P.NEGOTIATE, P.SETUP, P.PRECOPY, P.STOP_AND_COPY, P.RESUME, P.VERIFY)
+_ACTIVE = (P.QUEUED, P.NEGOTIATE, P.SETUP, P.PRECOPY, P.STOP_AND_COPY, P.VERIFY, P.RESUME)
 _ABORT = frozenset({P.CANCELLING, P.ROLLING_BACK})
 
 TRANSITIONS: Final[Mapping[MigrationPhase, frozenset[MigrationPhase]]] = {
@@ -47,12 +47,14 @@ TRANSITIONS: Final[Mapping[MigrationPhase, frozenset[MigrationPhase]]] = {
     P.NEGOTIATE: frozenset({P.SETUP, P.QUEUED}) | _ABORT,
     P.SETUP: frozenset({P.PRECOPY, P.QUEUED}) | _ABORT,
     P.PRECOPY: frozenset({P.STOP_AND_COPY}) | _ABORT,
-    P.STOP_AND_COPY: frozenset({P.RESUME}) | _ABORT,
+    P.STOP_AND_COPY: frozenset({P.VERIFY}) | _ABORT,
+    # Verification comes before resume: until Resume is sent the source owns
+    # the VM, so a mismatch, a deadline or a cancel simply resumes it there.
+    P.VERIFY: frozenset({P.RESUME}) | _ABORT,
     # Once Resume is sent, cancel is no longer possible: the destination may
-    # run the guest. A lost answer is resolved by query (-> commit unverified
-    # or roll back); a digest mismatch rolls back.
-    P.RESUME: frozenset({P.VERIFY, P.COMMIT, P.ROLLING_BACK}),
-    P.VERIFY: frozenset({P.COMMIT, P.ROLLING_BACK}),
+    # run the guest. A lost answer is resolved by asking (-> commit, or roll
+    # back when the destination says it discarded its copy).
+    P.RESUME: frozenset({P.COMMIT, P.ROLLING_BACK}),
     # Commit is the point of no return: the destination owns the VM.
     P.COMMIT: frozenset({P.COMPLETED}),
     P.CANCELLING: frozenset({P.CANCELLED}),
@@ -96,6 +98,10 @@ class PhaseTracker:
     def phase(self) -> MigrationPhase:
         return self._phase
 
+    def on_change(self, callback) -> None:
+        """``callback(old, new, elapsed_ms)`` after every move (one at a time)."""
+        self._on_change = callback
+
     def set_phase(self, *, expected: MigrationPhase | tuple[MigrationPhase, ...], new: MigrationPhase) -> None:
         allowed = expected if isinstance(expected, tuple) else (expected,)
         old = self._phase
@@ -109,3 +115,11 @@ class PhaseTracker:
         self._phase, self._since = new, now
         if self._on_change is not None:
             self._on_change(old, new, elapsed_ms)
+
+
+def log_phase_change(old: MigrationPhase, new: MigrationPhase, elapsed_ms: float) -> None:
+    """The drivers' phase-change callback: one structured log line."""
+    from agent.observe.logs import get_logger
+
+    get_logger("livemig.migration").info("phase_changed", old=old.value, new=new.value,
+                                         elapsed_ms=round(elapsed_ms, 1))

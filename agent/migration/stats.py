@@ -24,6 +24,7 @@ class MigrationStats:
     stop_copy_pages: int = 0
     prefault_ms: float = 0.0
     verify_ms: float = 0.0
+    verify_mode: str = ""
     guest_rate_before_pps: int = 0
     guest_rate_during_pps: int = 0
     writes_at_pause: int = 0

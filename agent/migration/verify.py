@@ -1,70 +1,100 @@
-"""Verification without hashing all guest memory inside the pause.
+"""Proving memory equal before the destination resumes, without hashing it
+all inside the pause.
 
-The destination keeps xxh3-128 digests of its memory in chunks of
-``digest_chunk_pages(npages)`` pages, computed *while pages arrive*: every batch
-that lands (or zero run that is cleared) bumps the generation of the chunks
-it touched, and a single worker thread hashes touched chunks in the
-background (xxhash releases the GIL). A chunk hashed at generation g is
-stale once a later batch bumps it past g, so ``finish()`` rehashes only the
-chunks touched since their last hash: after the last round that is a few
-chunks, not the whole memory.
+Both sides keep xxh3-128 digests of a section's memory in chunks of
+``digest_chunk_pages(npages)`` pages, computed *during pre-copy* by one
+worker thread (xxhash releases the GIL). Every change to a chunk bumps its
+generation; a chunk hashed at generation g is stale once a later change
+bumps it past g, so ``finish()`` at the pause rehashes only the stale chunks:
+after the last round that is a few chunks, not the whole memory.
 
-    loop thread:  batch lands -> gen[c] += 1, pending.add(c) -> submit(pending)
-    worker:       g = gen[c]; d = xxh3_128(chunk c); digest[c] = d; hashed[c] = g
-    finish():     wait for the worker; rehash every c with hashed[c] != gen[c]
+    marks:    gen[c] += 1, pending.add(c)          (after the bytes changed)
+    worker:   g = gen[c]; d = xxh3_128(chunk c); digest[c] = d; hashed[c] = g
+    finish(): wait for the worker; rehash every c with hashed[c] != gen[c]
 
-The marks happen only after a batch's bytes are all in memory, so a hash
-that started before them is always seen as stale. The source hashes its
-frozen copy after it sent Resume and compares; it commits only on a match.
+Where the marks come from:
+
+- **source**: a chunk is marked when round 1 sends it and whenever a dirty
+  collect returns a page in it. The guest writes a page, then its dirty
+  byte; a collect that sees the byte happens after the write, and the mark
+  after the collect, so a hash that read the page before the write is
+  always stale by the pause (the final collect runs with the guest paused).
+- **destination**: the receive sink marks exactly the range it wrote into
+  guest memory (the views it handed out), never what a header claims.
+
+``full`` mode (``migration.verify = "full"``) ignores all bookkeeping: at
+the pause each side hashes every chunk of its frozen memory (holes of the
+segment, found with SEEK_DATA, hash as zeros without being read: reading a
+tmpfs hole allocates it). It costs downtime (~0.1 s per GiB here) and
+catches a byte changed by anything, not only by the receive path.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from typing import Callable
 
 import xxhash
 
-from memstore import PAGE_SIZE
+from memstore import PAGE_SIZE, chunk_digests, diff_chunks
 
-DIGEST_CHUNK_PAGES = 256      # default for callers that do not size it
 MIN_CHUNK_PAGES = 16
 MAX_DIGEST_LIST_BYTES = 2 * 2**20
-_DIGEST = 16
+DIGEST_BYTES = 16
 
 
 def digest_chunk_pages(npages: int) -> int:
-    """Chunk size for a VM: as small as possible (less to rehash at the pause:
-    the last round's scattered pages each dirty one chunk) while the digest
-    list stays within MAX_DIGEST_LIST_BYTES (one Digests frame). 1 GiB -> 4
-    pages... see MIN_CHUNK_PAGES."""
+    """Chunk size for a section of ``npages``: as small as possible (less to
+    rehash at the pause: the last round's scattered pages each dirty one
+    chunk) while the digest list stays within one Digests frame."""
     cp = MIN_CHUNK_PAGES
-    while (npages + cp - 1) // cp * _DIGEST > MAX_DIGEST_LIST_BYTES:
+    while (npages + cp - 1) // cp * DIGEST_BYTES > MAX_DIGEST_LIST_BYTES:
         cp *= 2
     return cp
 
 
-class ReceiveDigests:
-    def __init__(self, ram: memoryview, chunk_pages: int = DIGEST_CHUNK_PAGES) -> None:
+def first_difference(ours: bytes, theirs: bytes) -> int | None:
+    """Index of the first chunk that differs, None when equal."""
+    bad = diff_chunks(ours, theirs)
+    return bad[0] if bad else None
+
+
+class ChunkDigests:
+    """Incrementally maintained digests of one memory view (either side).
+
+    ``next_data_page``/``next_hole_page`` (GuestRam's SEEK_DATA helpers) let
+    chunks that are holes take the digest of zeros without being read.
+    """
+
+    def __init__(self, ram: memoryview, chunk_pages: int,
+                 next_data_page: Callable[[int], int] | None = None,
+                 next_hole_page: Callable[[int], int] | None = None, *, fresh_zero: bool = False) -> None:
         self.ram = ram
         self.chunk_pages = chunk_pages
         self.chunk_bytes = chunk_pages * PAGE_SIZE
-        n = (len(ram) + self.chunk_bytes - 1) // self.chunk_bytes
-        self.nchunks = n
-        self.gen = [0] * n
-        self.hashed = [0] * n
-        # A fresh shell is all zeros: start from the digests of zero chunks.
-        full = xxhash.xxh3_128_digest(bytes(self.chunk_bytes))
-        self.digests = bytearray(full * n)
-        last = len(ram) - (n - 1) * self.chunk_bytes
-        if n and last != self.chunk_bytes:
-            self.digests[-_DIGEST:] = xxhash.xxh3_128_digest(bytes(last))
+        self.nchunks = (len(ram) + self.chunk_bytes - 1) // self.chunk_bytes
+        self._data, self._hole = next_data_page, next_hole_page
+        n = self.nchunks
+        self.gen = [1] * n
+        self.hashed = [0] * n            # nothing hashed yet: every chunk is stale
+        self.digests = bytearray(DIGEST_BYTES * n)
+        if fresh_zero:                   # a fresh destination shell is zeros: start from their digests
+            self._fill_zero()
         self._pending: set[int] = set()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="digest")
         self._inflight: concurrent.futures.Future | None = None
         self.chunks_hashed = 0
 
+    def _fill_zero(self) -> None:
+        n = self.nchunks
+        self.digests[:] = xxhash.xxh3_128_digest(bytes(self.chunk_bytes)) * n
+        last = len(self.ram) - (n - 1) * self.chunk_bytes
+        if n and last != self.chunk_bytes:
+            self.digests[-DIGEST_BYTES:] = xxhash.xxh3_128_digest(bytes(last))
+        self.hashed = list(self.gen)
+
     def mark(self, runs) -> None:
-        """Pages of these runs changed (call after their bytes are in memory)."""
+        """Pages of these ``(first, count)`` runs changed (call after the bytes did)."""
         cp = self.chunk_pages
         gen, pending = self.gen, self._pending
         for first, count in runs:
@@ -85,24 +115,35 @@ class ReceiveDigests:
         for c in chunks:
             g = gen[c]
             off = c * step
-            view = ram[off:off + step]
-            try:
-                d = xxhash.xxh3_128_digest(view)
-            finally:
-                view.release()
-            digests[c * _DIGEST:(c + 1) * _DIGEST] = d
+            d = self._hash_chunk(ram, off, min(step, len(ram) - off))
+            digests[c * DIGEST_BYTES:(c + 1) * DIGEST_BYTES] = d
             hashed[c] = g
         self.chunks_hashed += len(chunks)
 
-    async def finish(self) -> bytes:
+    def _hash_chunk(self, ram: memoryview, off: int, size: int) -> bytes:
+        page = off // PAGE_SIZE
+        if self._data is not None and self._data(page) >= page + size // PAGE_SIZE:
+            return xxhash.xxh3_128_digest(bytes(size))       # a hole: zeros, not read
+        view = ram[off:off + size]
+        try:
+            return xxhash.xxh3_128_digest(view)
+        finally:
+            view.release()
+
+    async def finish(self, mode: str = "incremental") -> bytes:
         """Digests of the memory as it is now (nothing may write it meanwhile)."""
         if self._inflight is not None:
             await asyncio.wrap_future(self._inflight)
         self._pending.clear()
+        loop = asyncio.get_running_loop()
+        if mode == "full":
+            return await loop.run_in_executor(
+                self._executor, chunk_digests, self.ram, self.chunk_pages, self._data, self._hole)
         stale = [c for c in range(self.nchunks) if self.hashed[c] != self.gen[c]]
         if stale:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._hash, stale)
+            await loop.run_in_executor(self._executor, self._hash, stale)
         return bytes(self.digests)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.ram = memoryview(b"")        # drop the view of guest memory

@@ -44,7 +44,8 @@ async def open_session(host: Host, peer_host: str, peer_port: int):
         reply = await conn.recv(cfg.handshake_timeout_s)
         if isinstance(reply, Reject):
             raise PeerError(f"{peer_host}:{peer_port} refused: {reply.reason}", int(reply.code))
-        assert isinstance(reply, Welcome)
+        if not isinstance(reply, Welcome):     # the session admits only Welcome or Reject here
+            raise PeerError(f"{peer_host}:{peer_port} answered Hello with {type(reply).__name__}")
         local = Capabilities(caps.version_min, caps.version_max, frozenset(features), caps.max_live_migrations)
         agreement = accept_welcome(local, reply)
         if AUTH_FEATURE in agreement.features:

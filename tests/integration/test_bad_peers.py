@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from protocol import MAGIC, PREFIX_SIZE, Abort, FrameDecoder, Hello, Prepare, encode_frame, make_nonce
+from protocol import MAGIC, PREFIX_SIZE, PROTOCOL_VERSION, Abort, FrameDecoder, Hello, Prepare, encode_frame, make_nonce
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -41,7 +41,8 @@ CASES = {
     "unknown-type": struct.pack("!4sHHII", MAGIC, 999, 0, 1, 0) + b"\x80",
     "bad-body": struct.pack("!4sHHII", MAGIC, 1, 0, 3, 0) + b"\xc1\xc1\xc1",
     "wrong-first-message": encode_frame(Prepare(migration_id="m1", vm="v", memory_bytes=4096, workload="idle",
-                                                features=(), source="x", populated=())),
+                                                features=(), source="x", sections=("ram",),
+                                                setup=b"\x90", verify_mode="incremental")),
 }
 
 
@@ -59,7 +60,7 @@ def test_bad_input_gets_abort_and_close(agents, case):
 
 def test_truncated_and_stalled_peers_are_dropped(agents):
     a = agents("A", "--set", "migration.handshake_timeout_s=1")
-    hello = encode_frame(Hello(version_min=1, version_max=1, agent="x", features=(), max_live_migrations=1,
+    hello = encode_frame(Hello(version_min=PROTOCOL_VERSION, version_max=PROTOCOL_VERSION, agent="x", features=(), max_live_migrations=1,
                                nonce=make_nonce()))
     with connect(a.addr) as stalled, connect(a.addr) as truncated:
         truncated.sendall(hello[: PREFIX_SIZE + 3])

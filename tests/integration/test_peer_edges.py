@@ -4,9 +4,11 @@ from __future__ import annotations
 import os
 import socket
 
+import msgpack
 import pytest
 
 from protocol import (
+    PROTOCOL_VERSION,
     NEED_DATA,
     BatchFlags,
     Hello,
@@ -57,7 +59,7 @@ class RawSource:
             return self.session.receive(ev)
 
     def hello(self) -> Welcome:
-        self.send(Hello(version_min=1, version_max=1, agent="raw", features=(), max_live_migrations=1,
+        self.send(Hello(version_min=PROTOCOL_VERSION, version_max=PROTOCOL_VERSION, agent="raw", features=(), max_live_migrations=1,
                         nonce=make_nonce()))
         w = self.recv()
         assert isinstance(w, Welcome), w
@@ -69,7 +71,8 @@ class RawSource:
 
 def prepare(mid: str, vm: str = "raw-vm", pages: int = 256) -> Prepare:
     return Prepare(migration_id=mid, vm=vm, memory_bytes=pages * PAGE, workload="idle", features=(),
-                   source="raw", populated=())
+                   source="raw", sections=("ram",), setup=msgpack.packb([{"populated": []}]),
+                   verify_mode="incremental")
 
 
 def test_out_of_range_batch_leaves_nothing_behind(agents, shm_prefix):
@@ -79,7 +82,7 @@ def test_out_of_range_batch_leaves_nothing_behind(agents, shm_prefix):
         src.hello()
         src.send(prepare("mid-1"))
         assert isinstance(src.recv(), Ready)
-        bad = PageBatch(round=1, runs=((0, 1), (256, 1)), flags=BatchFlags.NONE, payload_len=2 * PAGE)
+        bad = PageBatch(section=0, round=1, runs=((0, 1), (256, 1)), flags=BatchFlags.NONE, payload_len=2 * PAGE)
         src.send(bad, b"\x01" * 2 * PAGE)
         ev = src.recv()
         assert isinstance(ev, Abort) and "beyond" in ev.reason

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.migration.scheduler import LiveSlots, PairLimits
-from agent.migration.source import batches
+from agent.migration.ram import batches
 
 
 @given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(1, 2000)), max_size=50),
@@ -62,17 +62,17 @@ async def _until(cond):
 def test_populated_runs_follow_the_data_and_prefault_only_them(shm_prefix):
     import os
 
-    from agent.migration.source import populated_runs
+    from agent.migration.ram import populated_runs
     from memstore import PAGE_SIZE, GuestRam
 
     ram = GuestRam.create(f"{shm_prefix}.pop", 64 * PAGE_SIZE)
     try:
-        assert populated_runs(ram, 8) == ()                 # never written: nothing to pre-fault
+        assert populated_runs(ram, 8) == []                 # never written: nothing to pre-fault
         ram.ram[3 * PAGE_SIZE] = 1                          # chunk 0
         ram.ram[9 * PAGE_SIZE] = 1                          # chunk 1 (adjacent: merged)
         ram.ram[40 * PAGE_SIZE] = 1                         # chunk 5
         runs = populated_runs(ram, 8)
-        assert runs == ((0, 16), (40, 8))
+        assert runs == [(0, 16), (40, 8)]
         dest = GuestRam.create(f"{shm_prefix}.pop2", 64 * PAGE_SIZE)
         try:
             before = os.fstat(dest.fd).st_blocks * 512

@@ -1,0 +1,20 @@
+"""The sections a VM migrates with (section.py), by name, in id order.
+
+RAM is always first. ``LIVEMIG_TEST_SECTIONS=module[,module...]`` in an
+agent's environment imports those modules at start so that each can
+register a section (test-only: how tests add a device-state section that
+goes through the same driver; see tests/tools/device_section.py).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+
+from agent.migration.ram import RamIn, RamOut
+from agent.migration.section import SectionRegistry
+
+SECTIONS = SectionRegistry()
+SECTIONS.register("ram", lambda vm, stream, host: RamOut(vm, stream), lambda vm, host: RamIn(vm, host))
+
+for _mod in filter(None, os.environ.get("LIVEMIG_TEST_SECTIONS", "").split(",")):
+    importlib.import_module(_mod.strip())
