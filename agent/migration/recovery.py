@@ -25,7 +25,7 @@ import time
 
 from protocol import ProtocolError, Query, QueryResult
 
-from agent.errors import AgentError
+from agent.errors import AgentError, VmError
 from agent.observe.logs import get_logger
 
 log = get_logger("livemig.recovery")
@@ -82,10 +82,12 @@ async def resume_here(host, vm) -> None:
     and vCPU state if it died), throttle 0, record running, no migration."""
     mcfg = host.cfg.migration
     vm.ctl.throttle_pct = 0
-    if vm.guest_alive():
+    try:
         await vm.resume(mcfg.guest_ack_timeout_s)
-    else:
+    except VmError as exc:                   # died (or hung): a new guest from its memory and vCPU state
+        log.warning("guest_restarted_to_resume", vm=vm.name, error=str(exc))
         await vm.restart_guest(host.guest_log(vm.name), mcfg.guest_ack_timeout_s, run=True)
+        vm.record.guest_restarts += 1
     vm.record.state = "running"
     vm.record.outbound = None
     vm.hold_reason = ""

@@ -99,11 +99,12 @@ class SourceMigration:
         job = self.job
         with structlog.contextvars.bound_contextvars(migration_id=job.id, vm=job.vm, role="source", peer=job.destination):
             self.vm.on_guest_lost.append(self._guest_lost)
+            requeued = False
             try:
                 await self._migrate()
             except Requeue as exc:
+                requeued = True
                 await self._requeued(exc)
-                return True
             except asyncio.CancelledError:
                 await asyncio.shield(self._fail("cancelled", cancelled=True))
                 raise
@@ -115,8 +116,9 @@ class SourceMigration:
                 await asyncio.shield(self._fail(f"internal error: {exc!r}"))
             finally:
                 self._detach()
-            job.finish()
-            return False
+                if not requeued:
+                    job.finish()
+            return requeued
 
     async def _requeued(self, exc: Requeue) -> None:
         await self._cleanup_sections(committed=False)

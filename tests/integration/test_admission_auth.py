@@ -74,7 +74,7 @@ def test_control_socket_is_private_and_env_var_works(agents):
     r = agents.cli(a, "vm", "list", "--json")          # LIVEMIG_AGENT set by agents.cli
     assert r.returncode == 0 and json.loads(r.stdout) == []
     r = agents.cli(a, "--agent", "/nonexistent.sock", "vm", "list")
-    assert r.returncode == 1 and "cannot reach the agent" in r.stderr
+    assert r.returncode == 3 and "cannot reach the agent" in r.stderr
 
 
 def test_bad_config_is_a_clear_startup_error(tmp_path, shm_prefix):
