@@ -89,10 +89,9 @@ class MigrateOps:
         job.priority = opts["priority"]
         h.jobs.add(job)
         vm.migrating = job.id
-        kwargs = {"downtime_ms": opts["downtime_ms"], "max_bandwidth_mibps": opts["max_bandwidth_mibps"]}
-        if opts["verify"] is not None:
-            kwargs["verify"] = opts["verify"]
-        job.task = self.agent.jobs.spawn(run_outbound(h, job, vm, **kwargs), f"outbound:{job.id}:{vm.name}",
+        coro = run_outbound(h, job, vm, downtime_ms=opts["downtime_ms"],
+                            max_bandwidth_mibps=opts["max_bandwidth_mibps"], verify=opts["verify"])
+        job.task = self.agent.jobs.spawn(coro, f"outbound:{job.id}:{vm.name}",
                                          cancellable=lambda: is_cancellable(job.phase))
         log.info("migration_queued", job=job.id, vm=vm.name, targets=targets, priority=job.priority,
                  verify=opts["verify"])
