@@ -200,6 +200,8 @@ def cmd_demo(ns) -> int:
 
 
 def cmd_bench(ns) -> int:
-    from agent.bench.bench import main as bench_main
+    import subprocess
+    import sys
 
-    return bench_main([*ns.extra, *ns.args])      # bench parses its own options
+    # The benchmark is its own program (nothing imports agent.bench); it parses its own options.
+    return subprocess.call([sys.executable, "-m", "agent.bench", *ns.extra, *ns.args])
