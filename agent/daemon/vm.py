@@ -19,7 +19,6 @@ None): it is listed with ``broken_reason`` and never unlinked by the agent.
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import signal
 import subprocess
