@@ -30,13 +30,10 @@ import structlog
 
 from memstore import Cmd, SegmentError
 from protocol import (
-    Auth,
-    Capabilities,
     Commit,
     Committed,
     Digests,
     ErrorCode,
-    Hello,
     PageBatch,
     Prepare,
     ProtocolError,
@@ -47,27 +44,21 @@ from protocol import (
     RemoteProtocolError,
     Resume,
     Resumed,
-    RoundAck,
     RoundEnd,
     SectionState,
     StateTransfer,
-    Welcome,
-    auth_proof,
-    check_proof,
-    make_nonce,
-    negotiate,
 )
 
 from agent.daemon.config import NAME_RE
 from agent.daemon.host import Host
 from agent.daemon.vm import Vm, VmRecord, check_workload
-from agent.errors import AdmissionRefused, AgentError, PeerError, PeerLost, VmError
+from agent.errors import AdmissionRefused, AgentError, PeerLost, VmError
 from agent.migration import testhooks
 from agent.migration.jobs import Job
 from agent.migration.phases import MigrationPhase as P, log_phase_change
 from agent.migration.catalog import SECTIONS
 from agent.migration.section import IncomingSection
-from agent.net.peer import AUTH_FEATURE
+from agent.net.accept import accept
 from agent.net.transport import FrameProtocol
 from agent.observe.logs import get_logger
 
@@ -139,58 +130,16 @@ class DestinationMigration:
 
     # ---- handshake ---------------------------------------------------------
     async def _handshake(self) -> Prepare | None:
-        host, conn = self.host, self.conn
-        t = host.cfg.migration.handshake_timeout_s
-        hello = await conn.expect(Hello, t)
-        agreement = await self._agree(hello)
-        if agreement is None:
+        accepted = await accept(self.host, self.conn)
+        if accepted is None:
             return None
-        try:
-            msg = await conn.recv(t)
-        except PeerLost:
-            log.debug("probe_answered", peer=conn.peer, source_agent=hello.agent)   # Hello/Welcome/close
-            return None
+        msg = accepted.request
         if isinstance(msg, Query):
-            await conn.send(QueryResult(migration_id=msg.migration_id, state=self._query(msg.migration_id)))
+            await self.conn.send(QueryResult(migration_id=msg.migration_id, state=self._query(msg.migration_id)))
             return None
-        if not isinstance(msg, Prepare):   # the session admits nothing else here
-            raise RemoteProtocolError(f"unexpected {type(msg).__name__}", ErrorCode.UNEXPECTED)
-        self.agreement = agreement
-        self.peer_agent = hello.agent
+        self.agreement = accepted.agreement
+        self.peer_agent = accepted.hello.agent
         return msg
-
-    async def _agree(self, hello: Hello):
-        """Negotiate, answer Welcome (or Reject) and check the source's Auth."""
-        host, conn = self.host, self.conn
-        caps = host.capabilities()
-        features = caps.features if host.auth_key else caps.features - {AUTH_FEATURE}
-        local = Capabilities(caps.version_min, caps.version_max, frozenset(features), caps.max_live_migrations)
-        remote = Capabilities(hello.version_min, hello.version_max, frozenset(hello.features), hello.max_live_migrations)
-        try:
-            agreement = negotiate(local, remote)
-            if host.auth_key and AUTH_FEATURE not in agreement.features:
-                raise AdmissionRefused("this agent requires authentication (migration.auth_key_file)", ErrorCode.AUTH_FAILED)
-        except (ProtocolError, AdmissionRefused) as exc:
-            await conn.send(Reject(code=ErrorCode(exc.code), reason=str(exc)[:REASON_CHARS]))
-            return None
-        nonce = make_nonce()
-        proof = auth_proof(host.auth_key, "server", hello.nonce, nonce) if AUTH_FEATURE in agreement.features else b""
-        if proof:   # before Welcome goes out: the source's Auth may arrive at once
-            conn.session.set_auth_required(True)
-        await conn.send(Welcome(
-            version=agreement.version, agent=host.name, features=tuple(sorted(agreement.features)),
-            max_live_migrations=caps.max_live_migrations, slots=agreement.slots, nonce=nonce, proof=proof,
-            slots_free=max(0, host.slots.limit - host.slots.in_use), memory_free_bytes=host.memory_available(),
-            status="maintenance" if host.maintenance else "accepting",
-        ))
-        if proof:
-            auth = await conn.expect(Auth, host.cfg.migration.handshake_timeout_s)
-            try:
-                check_proof(host.auth_key, "client", hello.nonce, nonce, auth.proof)
-            except ProtocolError as exc:
-                await conn.send(Reject(code=exc.code, reason="authentication failed"))
-                return None
-        return agreement
 
     def _query(self, migration_id: str) -> str:
         """running: this host took the VM (durable, survives restarts and onward

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 
 from protocol import ProtocolError, Welcome
 

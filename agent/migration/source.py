@@ -29,12 +29,10 @@ import time
 import structlog
 
 from protocol import (
-    BatchFlags,
     Commit,
     Committed,
     Digests,
     ErrorCode,
-    PageBatch,
     ProtocolError,
     Ready,
     Resume,
