@@ -340,3 +340,20 @@ def test_disk_harness_catches_a_collector_that_loses_writes(race_vm, collector):
         if found:
             break
     assert found, "the wrong collector lost nothing: the harness cannot detect lost writes"
+
+
+def test_paused_guest_obeys_disk_commands_and_takes_a_new_disk_on_resume(make_ram, guests, tmp_path):
+    ram = make_ram("hot", 1 << 20)
+    guests(ram, "idle:io=1000", seed=4, start=Cmd.PAUSE)
+    assert ram.ctl.guest_state is GuestState.PAUSED
+    pause_disk_io(ram.ctl)                       # acknowledged by a RAM-paused guest
+    assert ram.ctl.disk_io_state is DiskIoState.PAUSED
+    resume_disk_io(ram.ctl)
+    path = str(tmp_path / "hot.img")
+    DiskImage.create(path, 1 << 20).close()
+    add_disk(ram, path)                          # allowed while paused: opened on resume
+    command(ram, Cmd.RUN)
+    wait_for(lambda: ram.ctl.io_writes >= 20, what="writes to the disk added while paused")
+    command(ram, Cmd.PAUSE)
+    assert {(0, b): k for b, (k, _) in headers(path).items()} == \
+        replay("idle:io=1000", (1 << 20,), 4, 1, ram.ctl.io_writes)
