@@ -96,6 +96,10 @@ class ControlServer:
                 await self._reply(writer, resp)
         except (ConnectionError, BrokenPipeError):
             pass
+        except asyncio.CancelledError:
+            # close() at shutdown: the connection ends here. Not re-raised: asyncio's
+            # stream callback would log the cancelled task as an error.
+            pass
         finally:
             self.tasks.discard(task)
             writer.close()

@@ -167,11 +167,14 @@ class VmOps:
             await self._drop_resolver(vm)
             vm.record.outbound = None
             vm.hold_reason = ""
-        if not vm.guest_alive():
-            raise VmError(f"{vm.name} is stopped; start it with vm start")
         vm.record.state = "running"
         self.host.registry.save(vm)
-        await vm.resume(self.ack_timeout_s)
+        if vm.guest_alive():
+            await vm.resume(self.ack_timeout_s)
+        else:                                 # died while paused: a new guest, running
+            await vm.restart_guest(self.host.guest_log(vm.name), self.ack_timeout_s, run=True)
+            vm.record.guest_restarts += 1
+            self.host.registry.save(vm)
         log.info("vm_resumed", vm=vm.name, forced=bool(force))
         return vm.info()
 
