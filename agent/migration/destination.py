@@ -71,6 +71,7 @@ REASON_CHARS = 1000
 # (only verify=full can see it); "lose-resumed" drops the connection after
 # the guest resumed, before Resumed.
 FAULT_INJECT = os.environ.get("LIVEMIG_FAULT_INJECT", "")
+MAX_GUEST_COUNTER = 2**62        # far beyond any real run; far enough from 2**64 to keep counting
 
 
 class DestinationMigration:
@@ -291,10 +292,18 @@ class DestinationMigration:
     async def _stop_and_copy(self, state: StateTransfer) -> None:
         await self._enter(P.PRECOPY, P.STOP_AND_COPY)
         self.conn.payload_sink = None
+        ctl = self.vm.ctl
         try:
-            self.vm.ctl.load_vcpu_state(state.vcpu_state)
+            ctl.load_vcpu_state(state.vcpu_state)
         except SegmentError as exc:
             raise RemoteProtocolError(f"bad vCPU state: {exc}", ErrorCode.MALFORMED) from None
+        # The state must be the VM's that Prepare announced: its workload, and
+        # counters a guest can keep counting (a u64 near its end would stop it).
+        if ctl.workload != self.vm.record.workload:
+            raise RemoteProtocolError(f"vCPU state runs workload {ctl.workload!r}, the VM is "
+                                      f"{self.vm.record.workload!r}", ErrorCode.MALFORMED)
+        if ctl.writes > MAX_GUEST_COUNTER or ctl.io_writes > MAX_GUEST_COUNTER:
+            raise RemoteProtocolError("vCPU state write counter out of range", ErrorCode.MALFORMED)
         if FAULT_INJECT in ("corrupt-page", "corrupt-unmarked"):      # test hook: a page that is wrong
             self.vm.ram.ram[0] ^= 0xFF
             if FAULT_INJECT == "corrupt-page":

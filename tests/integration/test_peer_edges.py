@@ -8,6 +8,8 @@ import msgpack
 import pytest
 
 from protocol import (
+    RoundEnd,
+    StateTransfer,
     PROTOCOL_VERSION,
     NEED_DATA,
     BatchFlags,
@@ -135,3 +137,32 @@ def test_query_says_running_after_the_vm_moved_on(agents):
         if attempt == 0:
             agents.restart(b)               # the answer survives a restart of the destination
     c.call("vm.delete", name="vm1")
+
+
+@pytest.mark.parametrize("case", ["other-workload", "counter-near-u64-end"])
+def test_vcpu_state_must_be_the_announced_vms(agents, shm_prefix, case):
+    """Values from a peer are checked against the VM it claims to be: a vCPU state with
+    another workload, or a write counter near 2**64 (the guest would stop for good), is a
+    protocol error before anything resumes; the shell is discarded."""
+    b = agents("B")
+    src = RawSource(b.addr)
+    try:
+        src.hello()
+        src.send(prepare("mid-v"))
+        assert isinstance(src.recv(), Ready)
+        src.send(RoundEnd(round=1, pages_sent=0, dirty_pages=0))
+        state = {"writes": 10, "seed": 1, "cursor": 0, "workload": "idle"}
+        if case == "other-workload":
+            state["workload"] = "uniform:rate=100"
+        else:
+            state["writes"] = 2**64 - 5
+        src.send(StateTransfer(vcpu_state=msgpack.packb(state), device_state=b""))
+        ev = src.recv()
+        while ev is not None and not isinstance(ev, Abort):     # RoundAck first
+            ev = src.recv()
+        assert isinstance(ev, Abort) and ("workload" in ev.reason or "range" in ev.reason), ev
+    finally:
+        src.close()
+    wait_for(lambda: b.call("vm.list") == [] and b.call("jobs")[0]["state"] == "failed", 20,
+             what="shell discarded")
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"{shm_prefix}.B.")]
