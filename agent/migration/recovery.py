@@ -123,15 +123,12 @@ async def resolve_outbound(host, vm) -> None:
         await resume_here(host, vm)
 
 
-_resolvers: dict[str, asyncio.Task] = {}
-
-
 def spawn_resolver(host, vm) -> asyncio.Task:
-    """Keep resolving ``vm`` in the background (one task per VM)."""
-    task = _resolvers.get(vm.name)
+    """Keep resolving ``vm`` in the background (one task per VM, kept as
+    ``vm.resolver`` so that ``vm resume --force`` can stop it; an agent that
+    stops meanwhile resumes the work at its next start from ``record.outbound``)."""
+    task = getattr(vm, "resolver", None)
     if task is not None and not task.done():
         return task
-    task = asyncio.get_running_loop().create_task(resolve_outbound(host, vm), name=f"resolve-{vm.name}")
-    _resolvers[vm.name] = task
-    task.add_done_callback(lambda t: _resolvers.pop(vm.name, None) if _resolvers.get(vm.name) is t else None)
-    return task
+    vm.resolver = asyncio.get_running_loop().create_task(resolve_outbound(host, vm), name=f"resolve-outbound:{vm.name}")
+    return vm.resolver
