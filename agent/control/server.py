@@ -1,5 +1,9 @@
 """Control endpoint: a Unix socket (mode 0600) speaking JSON lines.
 
+The socket belongs to the agent's user, mode 0600: whoever can connect can
+create, migrate and delete VMs. ``control.group`` grants one group the same
+(the socket is chowned to it and made 0660).
+
 Request:  {"op": "vm.create", "args": {...}}\n
 Response: {"ok": true, "result": ...}\n  or  {"ok": false, "error": "..."}\n
 One connection may carry several requests; a long request (``migrate``
@@ -14,6 +18,7 @@ if this server bound it.
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
 import os
 from typing import Any, Awaitable, Callable
@@ -28,9 +33,10 @@ Handler = Callable[[dict], Awaitable[Any]]
 
 
 class ControlServer:
-    def __init__(self, path: str, mode: int, handlers: dict[str, Handler]) -> None:
+    def __init__(self, path: str, mode: int, handlers: dict[str, Handler], group: str = "") -> None:
         self.path = path
-        self.mode = mode
+        self.group = group
+        self.mode = (mode | 0o660) if group else mode      # control.group: owner and group read/write
         self.handlers = handlers
         self.server: asyncio.AbstractServer | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -42,13 +48,19 @@ class ControlServer:
         except FileNotFoundError:
             pass
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        old = os.umask(0o777 & ~self.mode)       # the socket is never more open than its mode
+        # The socket is never more open than its mode; with a group, owner-only until it has that group.
+        old = os.umask(0o777 & ~(self.mode & 0o700 if self.group else self.mode))
         try:
             self.server = await asyncio.start_unix_server(self._client, self.path, limit=MAX_REQUEST_BYTES,
                                                           start_serving=False)
         finally:
             os.umask(old)
         self._inode = os.stat(self.path).st_ino
+        if self.group:
+            try:
+                os.chown(self.path, -1, grp.getgrnam(self.group).gr_gid)
+            except (KeyError, OSError) as exc:
+                raise AgentError(f"control.group: cannot give {self.path} to group {self.group!r}: {exc}") from exc
         os.chmod(self.path, self.mode)
 
     async def serve(self) -> None:

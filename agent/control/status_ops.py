@@ -35,6 +35,7 @@ class StatusOps:
     def __init__(self, agent: "Agent") -> None:
         self.agent = agent
         self.host = agent.host
+        self._security: dict | None = None
 
     def handlers(self) -> dict:
         return {"ping": self.ping, "status": self.status, "config.set": self.config_set}
@@ -63,7 +64,29 @@ class StatusOps:
             "uptime_s": round(time.time() - ag.started_at, 1),
             "rss_bytes": psutil.Process().memory_info().rss,
             "rss_anon_bytes": rss_anon_bytes(),
+            "security": self.security(),
         }
+
+    def security(self) -> dict:
+        """How this agent authenticates peers, and its migration endpoint's handshake counters."""
+        if self._security is None:
+            cfg = self.agent.cfg
+            sec = cfg.security
+            info: dict = {"mode": sec.mode}
+            if sec.tls:
+                from agent.net.tls import TlsError, cert_info
+                try:
+                    c = cert_info(sec.cert_file)
+                    info.update(certificate=c.name, issuer=c.issuer, not_after=c.not_after)
+                except TlsError as exc:           # replaced on disk since start: say so, keep serving
+                    info.update(certificate_error=str(exc))
+                info.update(ca_file=sec.ca_file, cert_file=sec.cert_file)
+            else:
+                info["warning"] = "no TLS: the migration port accepts anyone, and migrations cross the network in clear"
+            info["control_group"] = cfg.control.group or None
+            self._security = info
+        gate = getattr(self.agent.endpoint, "gate", None)
+        return {**self._security, **(gate.snapshot() if gate is not None else {})}
 
     async def config_set(self, args: dict):
         key, value = args["key"], args["value"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import grp
 import os
 import re
 import tomllib
@@ -105,12 +106,52 @@ class LogSection:
         _check(self.level in ("debug", "info", "warning", "error"), "log.level: debug, info, warning or error")
 
 
+SECURITY_MODES = ("tls", "insecure")
+TLS_DIR = "/etc/livemig/tls"             # where `livemig cert issue NAME --ca DIR --out /etc/livemig/tls` writes
+
+
+@dataclass(frozen=True, slots=True)
+class SecuritySection:
+    mode: str = "tls"                    # tls (mutual, TLS 1.3) | insecure (no TLS: lab only, warned at start)
+    ca_file: str = f"{TLS_DIR}/ca.crt"   # the cluster CA: the only issuer trusted for peers
+    cert_file: str = f"{TLS_DIR}/host.crt"   # this agent's certificate: its name must be agent.name
+    key_file: str = f"{TLS_DIR}/host.key"
+    max_handshakes: int = 16             # connections in the TLS/protocol handshake at once (oldest evicted)
+    handshake_timeout_s: float = 5.0     # accept -> first request (Prepare/Query), TLS included
+
+    def __post_init__(self) -> None:
+        _check(self.mode in SECURITY_MODES, f"security.mode: tls or insecure, got {self.mode!r}")
+        if self.mode == "tls":
+            for k in ("ca_file", "cert_file", "key_file"):
+                _check(bool(getattr(self, k)), f"security.{k}: empty path (needed with security.mode = \"tls\")")
+        _check(1 <= self.max_handshakes <= 1024, "security.max_handshakes: 1..1024")
+        _check(0 < self.handshake_timeout_s <= 300, "security.handshake_timeout_s: 0 < s <= 300")
+
+    @property
+    def tls(self) -> bool:
+        return self.mode == "tls"
+
+
+@dataclass(frozen=True, slots=True)
+class ControlSection:
+    group: str = ""                      # a group that may use the control socket (chown + 0660); "" = owner only
+
+    def __post_init__(self) -> None:
+        if self.group:
+            try:
+                grp.getgrnam(self.group)
+            except KeyError:
+                raise ConfigError(f"control.group: no group named {self.group!r} on this host") from None
+
+
 @dataclass(frozen=True, slots=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     migration: MigrationSection = field(default_factory=MigrationSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
     log: LogSection = field(default_factory=LogSection)
+    security: SecuritySection = field(default_factory=SecuritySection)
+    control: ControlSection = field(default_factory=ControlSection)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -129,7 +170,8 @@ class AgentConfig:
 
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(AgentConfig)}
-_SECTION_TYPES = {"agent": AgentSection, "migration": MigrationSection, "limits": LimitsSection, "log": LogSection}
+_SECTION_TYPES = {"agent": AgentSection, "migration": MigrationSection, "limits": LimitsSection, "log": LogSection,
+                  "security": SecuritySection, "control": ControlSection}
 
 
 def _coerce(section: str, key: str, value: Any, typ: type) -> Any:
@@ -211,4 +253,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, A
             sections[sec] = cls(**values)
         except TypeError as exc:  # pragma: no cover - guarded by the key check above
             raise ConfigError(str(exc)) from exc
-    return AgentConfig(**sections)
+    cfg = AgentConfig(**sections)
+    if cfg.security.tls:                 # the files exist, load, chain to the CA and name this agent
+        from agent.net.tls import check_credentials
+        check_credentials(cfg.security, cfg.agent.name)
+    return cfg

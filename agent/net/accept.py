@@ -1,7 +1,19 @@
 """Server side of the handshake: Hello -> Welcome (or Reject) -> Auth, then
 the first request of the connection (Prepare or Query). The client side is
 ``agent.net.peer.open_session``. Nothing of a migration (slot, memory, name,
-file) exists before this returns an authenticated request."""
+file) exists before this returns an authenticated request.
+
+With TLS the endpoint has already completed mutual TLS (the peer holds a
+certificate from the cluster CA); here the name in that certificate must
+be the name in the Hello, or the connection is closed without an answer
+(a generic refusal: nothing tells the peer which check failed). Only then
+is the peer authenticated (``conn.gate.authenticated()``: full-size frames
+from here on), and a Prepare still needs a place under
+``limits.max_connections`` (``conn.gate.admit``); a Query never waits for one.
+
+The HMAC challenge (``migration.auth_key_file``) still runs when both sides
+have a key, in either mode; under TLS it adds nothing and is meant for
+``security.mode = "insecure"`` labs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,9 +60,16 @@ async def accept(host: Host, conn: FrameProtocol) -> Accepted | None:
     refusal, a failed proof, or a probe that closed after Welcome)."""
     t = host.cfg.migration.handshake_timeout_s
     hello = await conn.expect(Hello, t)
+    if conn.peer_name is not None and hello.agent != conn.peer_name:
+        log.warning("peer_refused", peer=conn.peer,
+                    reason=f"certificate names {conn.peer_name!r} but Hello says {hello.agent!r}")
+        conn.close()
+        return None
     agreement = await _agree(host, conn, hello)
     if agreement is None:
         return None
+    if conn.gate is not None:
+        conn.gate.authenticated()
     try:
         msg = await conn.recv(t)
     except PeerLost:
@@ -58,6 +77,11 @@ async def accept(host: Host, conn: FrameProtocol) -> Accepted | None:
         return None
     if not isinstance(msg, (Prepare, Query)):   # the session admits nothing else here
         raise RemoteProtocolError(f"unexpected {type(msg).__name__}", ErrorCode.UNEXPECTED)
+    if conn.gate is not None and not conn.gate.admit(msg):
+        limit = host.cfg.limits.max_connections
+        log.warning("connection_refused_limit", peer=conn.peer, source_agent=hello.agent, limit=limit)
+        await conn.send(Reject(code=ErrorCode.BUSY, reason=f"{limit} migration connections already open"))
+        return None
     return Accepted(hello, agreement, msg)
 
 

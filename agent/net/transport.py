@@ -19,6 +19,15 @@ Messages (never payloads) go to a bounded inbox; reading pauses while the
 inbox is full. Writes are ``transport.write`` of the encoded frame and of
 memoryviews of the source segment, followed by ``drain()``.
 
+With TLS (``agent.net.tls``) the same protocol sits on asyncio's SSL
+transport, which drives a BufferedProtocol the same way: it decrypts
+straight into the views ``get_buffer`` returns (one copy, the decryption
+itself), so payloads still land in guest memory without a bounce.
+
+Until the peer is authenticated (``max_body_bytes``, raised by the
+endpoint's handshake gate) a frame body may not exceed PRE_AUTH_MAX_BODY:
+an unauthenticated peer cannot make the agent hold megabytes per connection.
+
 Errors follow QEMU's sticky-error rule: the first failure (protocol error,
 Abort from the peer, connection lost, IO timeout) is recorded, every later
 ``send``/``recv`` raises it, and it is recorded *before* the transport is
@@ -28,8 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from protocol import (
     CLOSED,
@@ -47,7 +57,7 @@ from protocol import (
     RoundEnd,
     encode_frame,
 )
-from protocol.framing import FrameDecoder, PayloadFollows
+from protocol.framing import MAX_FRAME_BYTES, FrameDecoder, PayloadFollows
 
 from agent.errors import PeerError, PeerLost
 
@@ -57,6 +67,7 @@ WRITE_HIGH_WATER = 8 * 1024 * 1024
 SCATTER_MIN_RUNS = 4            # batches of more runs than this, averaging at most
 SCATTER_AVG_BYTES = 64 * 1024   # ... this per run, are received through a bounce buffer
 DISCARD_BYTES = 65536           # read size while lingering after a protocol error
+PRE_AUTH_MAX_BODY = 64 * 1024   # largest frame body before authentication (a Hello is < 4 KiB)
 
 PayloadSink = Callable[[PageBatch], Sequence[memoryview]]
 
@@ -87,6 +98,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._scatter: Sequence[memoryview] | None = None   # sink views behind the bounce buffer
         self._bounce = bytearray(0)
         self._discard: memoryview | None = None    # set once a protocol error was answered
+        #: largest frame body accepted now; the handshake gate raises it once the peer is authenticated
+        self.max_body_bytes = MAX_FRAME_BYTES
+        #: the agent name in the peer's verified TLS certificate (None: no TLS)
+        self.peer_name: str | None = None
+        #: the endpoint's handshake bookkeeping for this connection (None on the connecting side)
+        self.gate: Any = None
 
     # ---- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -102,7 +119,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
             return self._targets[self._ti][self._got:]
         if self._discard is not None:
             return self._discard
-        return self._decoder.get_buffer()
+        view = self._decoder.get_buffer()
+        n = len(view)
+        if n > self.max_body_bytes:              # only a body view can be longer than 16 bytes
+            view.release()
+            self._decoder = FrameDecoder(payload_passthrough=True)   # drops the body buffer at once
+            self._protocol_error(RemoteProtocolError(
+                f"frame body of {n} bytes before authentication (limit {self.max_body_bytes})",
+                ErrorCode.TOO_LARGE))
+            return self._discard
+        return view
 
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_received += nbytes
@@ -339,11 +365,29 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 self.transport.abort()
 
 
-async def connect(host: str, port: int, session: MigrationSession, timeout_s: float) -> FrameProtocol:
+async def connect(host: str, port: int, session: MigrationSession, timeout_s: float,
+                  ssl_context: ssl.SSLContext | None = None) -> FrameProtocol:
+    """Connect (and, with ``ssl_context``, complete mutual TLS). With TLS the
+    returned protocol's ``peer_name`` is the agent named by the peer's
+    certificate; the caller compares it with what the peer says (Welcome)."""
+    from agent.net.tls import PeerIdentityError, peer_identity
+
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(timeout_s):
-            _, proto = await loop.create_connection(lambda: FrameProtocol(session), host, port)
+            transport, proto = await loop.create_connection(
+                lambda: FrameProtocol(session), host, port, ssl=ssl_context,
+                server_hostname="" if ssl_context is not None else None,
+                ssl_handshake_timeout=timeout_s if ssl_context is not None else None)
+    except ssl.SSLError as exc:
+        raise PeerError(f"TLS handshake with {host}:{port} failed: {exc.reason or exc}",
+                        int(ErrorCode.AUTH_FAILED)) from exc
     except (OSError, TimeoutError) as exc:
         raise PeerLost(f"cannot connect to {host}:{port}: {exc or 'timeout'}") from exc
+    if ssl_context is not None:
+        try:
+            proto.peer_name = peer_identity(transport.get_extra_info("ssl_object"))
+        except PeerIdentityError as exc:
+            proto.close()
+            raise PeerError(f"{host}:{port}: {exc}", int(ErrorCode.AUTH_FAILED)) from exc
     return proto
