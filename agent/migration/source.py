@@ -90,11 +90,26 @@ class SourceMigration:
     def peer(self) -> str:
         return f"{self.peer_host}:{self.peer_port}"
 
+    def tune(self, *, max_bandwidth_mibps: int | None = None, downtime_ms: int | None = None) -> dict:
+        """Change the bandwidth cap and the downtime target of the running
+        migration (virsh migrate-setspeed / migrate-setmaxdowntime); they take
+        effect at the next batch and the next convergence decision."""
+        if max_bandwidth_mibps is not None:
+            self.max_bandwidth_bps = max_bandwidth_mibps * 2**20
+            if self.stream is not None:
+                self.stream.set_max_bandwidth(self.max_bandwidth_bps)
+        if downtime_ms is not None:
+            self.downtime_target_ms = downtime_ms
+        log.info("migration_tuned", max_bandwidth_mibps=self.max_bandwidth_bps // 2**20,
+                 downtime_ms=self.downtime_target_ms)
+        return {"max_bandwidth_mibps": self.max_bandwidth_bps // 2**20, "downtime_ms": self.downtime_target_ms}
+
     # ---- entry -------------------------------------------------------------
     async def run(self) -> bool:
         """One attempt. Returns True when the job went back to the queue
         (destination busy before anything was transferred)."""
         job = self.job
+        job.driver = self                    # job set: tune() while it runs
         with structlog.contextvars.bound_contextvars(migration_id=job.id, vm=job.vm, role="source", peer=job.destination):
             self.vm.on_guest_lost.append(self._guest_lost)
             requeued = False

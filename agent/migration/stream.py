@@ -44,6 +44,11 @@ class SourceStream:
         self._bw_bytes = 0
         self._thr_t, self._thr_writes, self._thr_bytes, self._thr_over = time.monotonic(), 0, 0, 0
 
+    def set_max_bandwidth(self, bps: int) -> None:
+        """A new cap (0 = none) counts from now, not from the start."""
+        self.max_bandwidth_bps = bps
+        self._bw_t0, self._bw_bytes = time.monotonic(), 0
+
     def start_clock(self) -> None:
         now = time.monotonic()
         self._bw_t0 = now
