@@ -13,7 +13,7 @@ import time
 from agent.cli.client import Control
 from agent.cli.exits import EXIT_FAIL, EXIT_OK
 from agent.cli.output import (FINAL_STATES, emit, fmt_bytes, format_drain, format_progress, format_report,
-                              key_values, note, table)
+                              format_vm, key_values, note, table, vm_rows)
 
 WAIT_FOREVER = None      # a --wait call lasts as long as the migration
 SHORT_CALL_S = 30.0
@@ -48,27 +48,37 @@ def drain_exit(r: dict) -> int:
 
 # ---- VMs ------------------------------------------------------------------
 def cmd_vm_create(ns) -> int:
+    extra = {}
+    if ns.disk:
+        extra["disks"] = ns.disk
+    if ns.attach:
+        extra["attach"] = ns.attach
     r = _control(ns).call("vm.create", timeout_s=300.0, name=ns.name, memory=ns.memory, workload=ns.workload,
-                          prefill=ns.prefill)
-    emit(ns, r, f"created {r['name']} ({fmt_bytes(r['memory_bytes'])}, {r['workload']}): {r['state']}")
+                          prefill=ns.prefill, **extra)
+    disks = "".join(f", disk {d['name']} {fmt_bytes(d['size_bytes'])}" for d in r.get("disks", []))
+    emit(ns, r, f"created {r['name']} ({fmt_bytes(r['memory_bytes'])}{disks}, {r['workload']}): {r['state']}")
     return EXIT_OK
 
 
 def cmd_vm_list(ns) -> int:
     r = _control(ns).call("vm.list")
-    emit(ns, r, table(r, ["name", "state", "memory_bytes", "workload", "writes", "write_rate_pps"]))
+    emit(ns, r, table(vm_rows(r), ["name", "state", "memory_bytes", "workload", "writes", "write_rate_pps",
+                                   "disks", "disk_bytes", "io_writes"]))
     return EXIT_OK
 
 
 def cmd_vm_show(ns) -> int:
     r = _control(ns).call("vm.show", name=ns.name)
-    emit(ns, r, key_values(r, 16))
+    emit(ns, r, format_vm(r))
     return EXIT_OK
 
 
 def cmd_vm_delete(ns) -> int:
-    r = _control(ns).call("vm.delete", name=ns.name)
-    emit(ns, r, f"deleted {r['deleted']}")
+    r = _control(ns).call("vm.delete", name=ns.name, keep_files=ns.keep_files)
+    removed = r.get("files_removed") or []
+    kept = r.get("files_kept") or []
+    emit(ns, r, f"deleted {r['deleted']}" + (f"; removed {', '.join(removed)}" if removed else "")
+         + (f"; kept {', '.join(kept)}" if kept else ""))
     return EXIT_OK
 
 
@@ -152,7 +162,7 @@ def cmd_jobs(ns) -> int:
     if ns.watch:
         return watch_jobs(cl, ns.interval)
     r = cl.call("jobs")
-    emit(ns, r, table(r, ["id", "vm", "direction", "source", "destination", "state", "pages_sent", "error"]))
+    emit(ns, r, table(r, ["id", "kind", "vm", "direction", "source", "destination", "state", "pages_sent", "error"]))
     return EXIT_OK
 
 

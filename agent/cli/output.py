@@ -30,6 +30,29 @@ def key_values(obj: dict, width: int) -> str:
     return "\n".join(f"{k:{width}} {v}" for k, v in obj.items())
 
 
+def vm_rows(vms: list[dict]) -> list[dict]:
+    """``vm list`` rows with the disk columns: how many disks, their virtual size, disk writes."""
+    rows = []
+    for v in vms:
+        disks = v.get("disks") or []
+        rows.append({**v, "disks": len(disks),
+                     "disk_bytes": fmt_bytes(sum(d["size_bytes"] for d in disks)) if disks else "-"})
+    return rows
+
+
+def format_vm(r: dict) -> str:
+    """``vm show``: the VM's fields, then one line per disk."""
+    lines = [key_values({k: v for k, v in r.items() if k != "disks"}, 16)]
+    disks = r.get("disks") or []
+    lines.append(f"{'disks':16} {len(disks) or '-'}")
+    for d in disks:
+        alloc = d.get("allocated_bytes")
+        lines.append(f"  {d['name']:<12} {fmt_bytes(d['size_bytes']):>10}  allocated "
+                     f"{fmt_bytes(alloc) if alloc is not None else '?':>10}  {d['path']}"
+                     + ("  (attached)" if d.get("attached") else "") + (f"  [{d['error']}]" if d.get("error") else ""))
+    return "\n".join(lines)
+
+
 def format_report(r: dict) -> str:
     lines = [
         f"migration {r['id']}: {r['vm']} {r['source']} -> {r['destination']}",

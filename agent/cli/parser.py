@@ -48,6 +48,26 @@ def integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
 
 
+def disk_spec(text: str) -> dict:
+    """``NAME:SIZE[:PATH]`` -> {"name", "size"[, "path"]} (the size is checked by the agent)."""
+    name, _, rest = text.partition(":")
+    size, _, path = rest.partition(":")
+    if not name or not size:
+        raise argparse.ArgumentTypeError(f"expected NAME:SIZE[:PATH], got {text!r}")
+    out = {"name": name, "size": size}
+    if path:
+        out["path"] = os.path.abspath(path)
+    return out
+
+
+def attach_spec(text: str) -> dict:
+    """``NAME:PATH`` -> {"name", "path"}."""
+    name, _, path = text.partition(":")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME:PATH, got {text!r}")
+    return {"name": name, "path": os.path.abspath(path)}
+
+
 def package_version() -> str:
     try:
         return importlib.metadata.version("livemig")
@@ -94,14 +114,24 @@ def _add_vm(sub) -> None:
     cr.add_argument("--workload", default="idle", help="guest workload (default idle; e.g. uniform:rate=5000)")
     cr.add_argument("--prefill", choices=("none", "random"), default="none",
                     help="fill guest RAM before the guest starts (random = incompressible, no zero pages)")
+    cr.add_argument("--disk", action="append", default=[], type=disk_spec, metavar="NAME:SIZE[:PATH]",
+                    help="a new sparse disk image, repeatable (default path <data-dir>/disks/<vm>/NAME.img; "
+                         "e.g. --disk root:1G --disk data:4G:/srv/img/data.img)")
+    cr.add_argument("--attach", action="append", default=[], type=attach_spec, metavar="NAME:PATH",
+                    help="an existing raw image as a disk, as it is (never deleted with the VM; "
+                         "e.g. --attach data:/srv/img/data.img)")
     for name, func, help_text in (("list", c.cmd_vm_list, "list the VMs on this agent"),
                                   ("show", c.cmd_vm_show, "one VM's state and counters"),
-                                  ("delete", c.cmd_vm_delete, "stop a VM's guest and remove it"),
+                                  ("delete", c.cmd_vm_delete, "stop a VM's guest and remove it "
+                                   "(and the disk images it created)"),
                                   ("pause", c.cmd_vm_pause, "pause a VM's guest (it keeps its memory)"),
                                   ("start", c.cmd_vm_start, "start a VM whose guest is not running (stopped, or broken)")):
         p = _command(vm, name, func, help_text)
         if name != "list":
             p.add_argument("name", help="VM name")
+        if name == "delete":
+            p.add_argument("--keep-files", action="store_true",
+                           help="keep the VM's disk images (attached ones are always kept)")
         _json(p)
     rs = _command(vm, "resume", c.cmd_vm_resume, "resume a paused VM")
     rs.add_argument("name", help="VM name")

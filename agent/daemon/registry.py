@@ -25,6 +25,10 @@ the agent holds its locks:
 Then, once both endpoints are bound, ``sweep_orphans`` removes a segment
 with this agent's prefix only if the journal proves this agent created it
 and no record holds it; any other segment with the prefix is left alone.
+A disk map (``<segment>.d<i>``, memstore.disk) goes with the segment it
+names: kept with a kept segment, removed with a journaled orphan (or when
+its segment is journaled but already gone), left alone otherwise. The disk
+images themselves are files the records name; the sweep never touches them.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ from typing import Iterator
 
 import psutil
 
-from memstore import Cmd, GuestRam, is_guest_process, list_segments, segment_exists, unlink_segment
+from memstore import (Cmd, GuestRam, is_guest_process, list_segments, parse_disk_map_name, segment_exists,
+                      segment_path, unlink_disk_maps, unlink_segment)
 
 from agent.errors import VmError
 from agent.observe.logs import get_logger
@@ -236,6 +241,7 @@ class VmRegistry:
         """The shell of an inbound migration that never reached resume: the source owns the VM."""
         if rec.guest_pid and is_guest_process(rec.guest_pid, rec.segment):
             _kill(rec.guest_pid)          # the standby guest of an unfinished shell
+        unlink_disk_maps(rec.segment)
         unlink_segment(rec.segment)
         self.journal.forget(rec.segment)
         for path in (os.path.join(self.dir, f"{rec.name}.json"), self.guest_log(rec.name)):
@@ -287,7 +293,12 @@ class VmRegistry:
         Run only once the agent holds its locks and both endpoints are bound."""
         keep = {vm.record.segment for vm in self._vms.values()}
         result: dict[str, list[str]] = {"orphans": [], "foreign": []}
+        maps: list[tuple[str, str]] = []
         for seg in list_segments(self.segment_prefix):
+            parsed = parse_disk_map_name(seg)
+            if parsed is not None and parsed[0].startswith(self.segment_prefix):
+                maps.append((seg, parsed[0]))      # decided with its segment, below
+                continue
             if seg in keep:
                 continue
             if seg in self.journal:
@@ -298,6 +309,20 @@ class VmRegistry:
                 log.warning("segment_not_ours_kept", segment=seg,
                             why="not in this agent's segment journal; remove it by hand if it is garbage")
                 result["foreign"].append(seg)
+        for name, seg in maps:
+            if seg in keep:
+                continue
+            if seg in self.journal or seg in result["orphans"]:   # its segment is (or was just) swept
+                try:
+                    os.unlink(segment_path(name))
+                except FileNotFoundError:
+                    pass
+                result["orphans"].append(name)
+            else:
+                log.warning("segment_not_ours_kept", segment=name,
+                            why="a disk map of a segment not in this agent's journal; remove it by hand "
+                                "if it is garbage")
+                result["foreign"].append(name)
         for name in self.journal.names():
             if name not in keep and not segment_exists(name):
                 self.journal.forget(name)         # unlinked by someone else: nothing left to sweep

@@ -15,10 +15,19 @@ nobody is registered, restarted from the segment's memory and vCPU state.
 
 A ``broken`` VM has a record but no segment that attaches (``ram`` is
 None): it is listed with ``broken_reason`` and never unlinked by the agent.
+
+Disks: ``record.disks`` lists the VM's disk images in index order
+(``{"name", "path", "size_bytes", "attached"}``); disk i's dirty-block map is
+the shm file ``<segment>.d<i>`` (memstore.disk), which goes with the segment
+(``release``). The record's path is the durable truth of which file is the
+disk: a storage move saves the new path before it deletes the old file.
+``attached`` images were brought by the operator (``--attach``) and are
+never deleted with the VM.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import signal
 import subprocess
@@ -28,7 +37,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from memstore import (Cmd, GuestRam, GuestState, SegmentError, is_guest_process, launch_guest, pages_for,
-                      parse_workload, unlink_segment)
+                      parse_workload, unlink_disk_maps, unlink_segment)
 
 from agent.errors import VmError
 from agent.migration.heat import ChunkHeat
@@ -56,6 +65,8 @@ class VmRecord:
     outbound: dict | None = None
     guest_restarts: int = 0
     broken_reason: str = ""
+    # The VM's disks, in index order: {"name", "path", "size_bytes", "attached"}.
+    disks: list = field(default_factory=list)
 
 
 class Vm:
@@ -64,6 +75,7 @@ class Vm:
         self.ram = ram                         # None: broken (record kept, segment does not attach)
         self.proc = proc
         self.migrating: str | None = None      # job id while a migration owns the VM
+        self.storage_move: str | None = None   # job id while a storage move owns it (migrating is set too)
         self.heat = ChunkHeat(ram.npages if ram is not None else pages_for(record.memory_bytes))
         self.hold_reason: str = ""             # why a paused VM waits (set by outbound recovery)
         self.on_guest_lost: list = []          # cb(vm, reason): a driver that owns the VM handles a death
@@ -194,9 +206,11 @@ class Vm:
             pass
 
     def release(self) -> None:
-        """Close and remove the segment (the guest must be stopped). The file is
-        unlinked even if a stray view still pins the mapping (then the memory
-        goes when the view does); the registry's segment journal forgets it."""
+        """Close and remove the segment and its disk maps (the guest must be
+        stopped; the disk images stay). The file is unlinked even if a stray
+        view still pins the mapping (then the memory goes when the view does);
+        the registry's segment journal forgets it."""
+        unlink_disk_maps(self.record.segment)
         try:
             if self.ram is not None:
                 self.ram.close()
@@ -214,7 +228,7 @@ class Vm:
     def state(self) -> str:
         if self.ram is None:
             return "broken"
-        if self.migrating is not None or self.record.state == "incoming":
+        if (self.migrating is not None and self.storage_move is None) or self.record.state == "incoming":
             return "migrating"
         if not self.guest_alive():
             return "stopped"
@@ -241,7 +255,11 @@ class Vm:
             "guest_restarts": r.guest_restarts,
             "segment": r.segment,
             "migration": self.migrating,
+            "storage_move": self.storage_move,
             "created_at": r.created_at,
+            "io_writes": int(ctl.io_writes) if ctl else 0,
+            "io_rate_wps": int(ctl.io_rate_wps) if ctl else 0,
+            "disks": [disk_info(d) for d in r.disks],
         }
         if self.ram is None:
             out["broken_reason"] = r.broken_reason
@@ -250,12 +268,26 @@ class Vm:
         return out
 
 
-def check_workload(spec: str, memory_bytes: int):
+def disk_info(d: dict) -> dict:
+    """One disk as ``vm show`` lists it: where it is, its virtual size and what it holds."""
+    out = {"name": d["name"], "path": d["path"], "size_bytes": d["size_bytes"],
+           "attached": bool(d.get("attached"))}
+    try:
+        out["allocated_bytes"] = os.stat(d["path"]).st_blocks * 512
+    except OSError as exc:
+        out["allocated_bytes"] = None
+        out["error"] = f"{d['path']}: {exc.strerror}"
+    return out
+
+
+def check_workload(spec: str, memory_bytes: int, disk_sizes: list[int] | None = None):
+    """The parsed workload, or VmError if it cannot run in this VM (its RAM,
+    and with ``disk_sizes`` its disks: io needs one, iows must fit each)."""
     from memstore import WorkloadError, validate_for
 
     try:
         w = parse_workload(spec)
-        validate_for(w, memory_bytes)
+        validate_for(w, memory_bytes, disk_sizes)
     except WorkloadError as exc:
         raise VmError(str(exc)) from exc
     return w
