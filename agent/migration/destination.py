@@ -71,7 +71,8 @@ REASON_CHARS = 1000
 # (only verify=full can see it); "lose-resumed" drops the connection after
 # the guest resumed, before Resumed.
 FAULT_INJECT = os.environ.get("LIVEMIG_FAULT_INJECT", "")
-MAX_GUEST_COUNTER = 2**62        # far beyond any real run; far enough from 2**64 to keep counting
+MAX_GUEST_COUNTER = 2**62
+DRY_RUN = "dry-run"              # a Prepare feature: admission only (migrate --dry-run)        # far beyond any real run; far enough from 2**64 to keep counting
 
 
 class DestinationMigration:
@@ -157,6 +158,9 @@ class DestinationMigration:
     async def _migrate(self, p: Prepare) -> None:
         with structlog.contextvars.bound_contextvars(migration_id=p.migration_id, vm=p.vm, role="destination",
                                                      peer=self.peer_agent):
+            if DRY_RUN in p.features:
+                await self._dry_run(p)
+                return
             await self._negotiate(p)
             await self._setup(p)
             state = await self._precopy()
@@ -176,6 +180,14 @@ class DestinationMigration:
         self.job = host.jobs.add(job)
         job.tracker.on_change(log_phase_change)
         await self._enter(P.QUEUED, P.NEGOTIATE)
+
+    async def _dry_run(self, p: Prepare) -> None:
+        """migrate --dry-run: every admission check, then Ready; nothing is
+        created, and the slot and the reservation go at once."""
+        self._admit(p)
+        SECTIONS.check_incoming(p.sections)
+        await self.conn.send(Ready(migration_id=p.migration_id, prefault_ms=0))
+        log.info("dry_run_admitted", peer=self.conn.peer)
 
     def _admit(self, p: Prepare) -> None:
         host = self.host

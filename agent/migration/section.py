@@ -136,16 +136,19 @@ class SectionRegistry:
             s.section_id = i
         return sections
 
-    def build_incoming(self, names: Sequence[str], **ctx) -> list[IncomingSection]:
+    def check_incoming(self, names: Sequence[str]) -> None:
         from agent.errors import AdmissionRefused
         from protocol import ErrorCode
 
+        for name in names:
+            if name not in self.incoming:
+                raise AdmissionRefused(f"this agent cannot receive section {name!r}", ErrorCode.INCOMPATIBLE)
+
+    def build_incoming(self, names: Sequence[str], **ctx) -> list[IncomingSection]:
+        self.check_incoming(names)
         out = []
         for i, name in enumerate(names):
-            factory = self.incoming.get(name)
-            if factory is None:
-                raise AdmissionRefused(f"this agent cannot receive section {name!r}", ErrorCode.INCOMPATIBLE)
-            s = factory(**ctx)
+            s = self.incoming[name](**ctx)
             s.section_id = i
             out.append(s)
         return out
