@@ -65,7 +65,7 @@ def test_same_name_other_data_dir_is_refused(first, tmp_path, shm_prefix):
     before, ino = _snapshot(a.data_dir), os.stat(a.control).st_ino
     # Same agent name and shm prefix, its own data dir and control socket:
     # it would sweep A's segments as its orphans.
-    twin = AgentProcess("A", str(tmp_path / "elsewhere"), shm_prefix=shm_prefix)
+    twin = AgentProcess("A", str(tmp_path / "elsewhere"), shm_prefix=shm_prefix, ca=a.ca)
     msg = _refusal(_run_second(twin))
     assert msg.startswith("another agent already runs as A with shm prefix") and f"pid {a.proc.pid}" in msg
     assert not os.path.exists(twin.control)
@@ -75,7 +75,7 @@ def test_same_name_other_data_dir_is_refused(first, tmp_path, shm_prefix):
 def test_same_data_dir_is_refused(first, tmp_path, shm_prefix):
     a, info = first
     before, ino = _snapshot(a.data_dir), os.stat(a.control).st_ino
-    other = AgentProcess("B", str(tmp_path), shm_prefix=shm_prefix, extra_args=("--data-dir", a.data_dir))
+    other = AgentProcess("B", str(tmp_path), shm_prefix=shm_prefix, extra_args=("--data-dir", a.data_dir), ca=a.ca)
     msg = _refusal(_run_second(other))
     assert msg == f"another agent already uses data dir {a.data_dir} (pid {a.proc.pid})"
     _first_unharmed(a, info, before, ino)
@@ -84,21 +84,22 @@ def test_same_data_dir_is_refused(first, tmp_path, shm_prefix):
 def test_same_control_socket_is_refused(first, tmp_path, shm_prefix):
     a, info = first
     before, ino = _snapshot(a.data_dir), os.stat(a.control).st_ino
-    other = AgentProcess("C", str(tmp_path / "c"), shm_prefix=shm_prefix, extra_args=("--control", a.control))
+    other = AgentProcess("C", str(tmp_path / "c"), shm_prefix=shm_prefix, extra_args=("--control", a.control),
+                         ca=a.ca)
     msg = _refusal(_run_second(other))
     assert msg == f"another agent already uses control socket {a.control} (pid {a.proc.pid})"
     _first_unharmed(a, info, before, ino)
     assert ControlClient(a.control, timeout_s=5).call("ping")["pid"] == a.proc.pid
 
 
-def test_a_live_socket_without_lock_is_never_unlinked(tmp_path, shm_prefix):
+def test_a_live_socket_without_lock_is_never_unlinked(agents, tmp_path, shm_prefix):
     """Whatever answers on the control path (not an agent, or one without these locks) is left alone."""
     path = str(tmp_path / "busy.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(path)
         s.listen(4)
         ino = os.stat(path).st_ino
-        ag = AgentProcess("D", str(tmp_path), shm_prefix=shm_prefix, extra_args=("--control", path))
+        ag = AgentProcess("D", str(tmp_path), shm_prefix=shm_prefix, extra_args=("--control", path), ca=agents.ca)
         msg = _refusal(_run_second(ag))
         assert msg == f"another agent already uses control socket {path} (pid {os.getpid()})"
         assert os.stat(path).st_ino == ino
