@@ -206,6 +206,7 @@ class RunMonitor:
         self.violations: list[str] = []
         self.samples = 0
         self.max_writes = 0
+        self.ever_ran: set[str] = set()        # segments seen running at least once
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -228,6 +229,7 @@ class RunMonitor:
             double = double + 1 if len(copies) > 1 else 0
             if double == 2:       # two samples in a row: not a read that straddled a handover
                 self.violations.append(f"two running copies: {copies}")
+            self.ever_ran.update(copies)
             for seg, w in copies.items():
                 if w < self.max_writes:
                     self.violations.append(f"{seg} runs with writes {w} < {self.max_writes} seen before")
@@ -237,3 +239,7 @@ class RunMonitor:
     def check(self) -> None:
         assert self.samples > 0, "the run monitor took no sample"
         assert not self.violations, f"run monitor: {self.violations[:5]}"
+
+    def ran_on(self, agent: str) -> set[str]:
+        """Segments of ``agent`` that were ever seen running."""
+        return {seg for seg in self.ever_ran if seg.startswith(f"{self.prefix}.{agent}.")}
