@@ -75,6 +75,16 @@ MAX_GUEST_COUNTER = 2**62
 DRY_RUN = "dry-run"              # a Prepare feature: admission only (migrate --dry-run)        # far beyond any real run; far enough from 2**64 to keep counting
 
 
+def _paused_ms(device_state: bytes) -> float:
+    """The source's pause so far when it sent StateTransfer (0 if it did not say)."""
+    try:
+        d = msgpack.unpackb(device_state, raw=False, max_map_len=16, max_str_len=256)
+        v = d.get("paused_ms", 0.0) if isinstance(d, dict) else 0.0
+    except Exception:      # a malformed blob only costs this figure
+        return 0.0
+    return float(v) if isinstance(v, (int, float)) and 0 <= v < 3.6e6 else 0.0
+
+
 class DestinationMigration:
     def __init__(self, host: Host, conn: FrameProtocol) -> None:
         self.host = host
@@ -85,6 +95,8 @@ class DestinationMigration:
         self.owned = False          # True from Resume on: never discarded after that
         self.slot = False
         self.reserved_name: str | None = None
+        self._t_round = self._t_state = 0.0        # this side's clocks for its own figures
+        self._source_paused_ms = 0.0
 
     # ---- entry -------------------------------------------------------------
     async def run(self) -> None:
@@ -280,20 +292,16 @@ class DestinationMigration:
 
     async def _precopy(self) -> StateTransfer:
         await self._enter(P.SETUP, P.PRECOPY)
-        conn, st = self.conn, self.job.stats
+        conn = self.conn
+        self._t_round = time.monotonic()
         timeout = self.host.cfg.migration.io_timeout_s
         while True:
             msg = await conn.recv(timeout)
             if isinstance(msg, PageBatch):
                 self._section(msg.section).on_batch(msg)
-                if msg.payload_len:
-                    st.pages_sent += msg.pages
-                    st.bytes_sent += msg.payload_len
-                else:
-                    st.zero_pages += msg.pages
+                self._count_batch(msg)
             elif isinstance(msg, RoundEnd):
-                st.rounds = msg.round
-                st.remaining_bytes = msg.dirty_pages * 4096
+                self._round_ended(msg)
             elif isinstance(msg, SectionState):
                 self._section(msg.section).on_state(msg.data)
             elif isinstance(msg, StateTransfer):
@@ -301,8 +309,29 @@ class DestinationMigration:
             else:  # the session allows nothing else here
                 raise RemoteProtocolError(f"unexpected {type(msg).__name__}", ErrorCode.UNEXPECTED)
 
+    def _count_batch(self, msg: PageBatch) -> None:
+        """This side's own view of the transfer (jobs, report, picture)."""
+        st = self.job.stats
+        if msg.payload_len:
+            st.pages_sent += msg.pages
+            st.bytes_sent += msg.payload_len
+        else:
+            st.zero_pages += msg.pages
+        if msg.round == 1:      # until the first RoundEnd: what round 1 has not delivered yet
+            st.remaining_bytes = max(0, st.pages_total - st.pages_sent - st.zero_pages) * 4096
+
+    def _round_ended(self, msg: RoundEnd) -> None:
+        st, now = self.job.stats, time.monotonic()
+        t0, self._t_round = self._t_round, now
+        st.rounds = msg.round
+        st.remaining_bytes = msg.dirty_pages * 4096
+        st.round_log.append({"round": msg.round, "pages_sent": msg.pages_sent, "dirty_pages": msg.dirty_pages,
+                             "ms": round((now - t0) * 1000.0, 1)})
+
     async def _stop_and_copy(self, state: StateTransfer) -> None:
         await self._enter(P.PRECOPY, P.STOP_AND_COPY)
+        self._t_state = time.monotonic()
+        self._source_paused_ms = _paused_ms(state.device_state)
         self.conn.payload_sink = None
         ctl = self.vm.ctl
         try:
@@ -351,6 +380,9 @@ class DestinationMigration:
         await self._run_guest()
         writes = int(vm.ctl.writes)
         job.stats.writes_after_resume = writes
+        # The downtime as this side saw it: the source's pause until its
+        # StateTransfer left, plus our time from its arrival to the guest running.
+        job.stats.downtime_ms = self._source_paused_ms + (time.monotonic() - self._t_state) * 1000.0
         if FAULT_INJECT == "lose-resumed":        # test hook: the link dies right after the resume
             self.conn.fail(PeerLost("fault injection: connection lost after resume"))
             self.conn.transport.abort()

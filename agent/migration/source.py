@@ -264,7 +264,8 @@ class SourceMigration:
             await s.complete()
         st.stop_copy_pages = self.stream.pages_sent - sent0
         await self._end_round(st.rounds + 1, st.stop_copy_pages, t0)
-        await self.conn.send(StateTransfer(vcpu_state=vm.ctl.vcpu_state(), device_state=self.stream.device_state()))
+        paused_ms = (time.monotonic() - self.t_pause) * 1000.0    # so the destination can tell its downtime
+        await self.conn.send(StateTransfer(vcpu_state=vm.ctl.vcpu_state(), device_state=self.stream.device_state(paused_ms)))
 
     async def _verify(self) -> None:
         """Every section's digests of the frozen source against the

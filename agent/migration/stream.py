@@ -54,9 +54,10 @@ class SourceStream:
         self._bw_t0 = now
         self._thr_t, self._thr_writes, self._thr_bytes = now, int(self.vm.ctl.writes), self.meter.total
 
-    def device_state(self) -> bytes:
+    def device_state(self, paused_ms: float) -> bytes:
         r = self.vm.record
-        return msgpack.packb({"vm": r.name, "memory_bytes": r.memory_bytes, "workload": r.workload})
+        return msgpack.packb({"vm": r.name, "memory_bytes": r.memory_bytes, "workload": r.workload,
+                              "paused_ms": round(paused_ms, 3)})
 
     # ---- sending -----------------------------------------------------------
     async def pages(self, section, round_no: int, runs: list[tuple[int, int]], mem: memoryview) -> int:

@@ -134,3 +134,20 @@ def test_vm_delete_leaves_nothing(agents, shm_prefix):
     assert not os.path.exists(os.path.join(a.data_dir, "vms", "vm1.json"))
     r = agents.cli(a, "vm", "show", "vm1")
     assert r.returncode == 1 and "no VM named" in r.stderr
+
+
+def test_destination_tells_its_own_truth(agents, shm_prefix):
+    """The inbound job's figures are the destination's own and agree with the source's at
+    the end: pages received, rounds, and a downtime it measured itself."""
+    a, b = agents("A"), agents("B")
+    create_vm(agents, a, "vm1", memory="64M", workload="hotset:ws=8M,rate=5000")
+    wait_for(lambda: writes_of(a, "vm1") > 2000, 20, what="guest writes on A")
+    src = a.call("migrate", vm="vm1", to=b.addr, wait=True, timeout_s=None)
+    assert src["status"] == "completed", src
+    dst = b.call("job.show", id=src["id"])
+    assert dst["direction"] == "inbound" and dst["status"] == "completed" and dst["verified"] is True
+    assert dst["pages_sent"] == src["pages_sent"] and dst["zero_pages"] == src["zero_pages"]
+    assert dst["iterations"] == src["iterations"] and len(dst["rounds"]) == len(src["rounds"])
+    assert 0 < dst["downtime_ms"] <= src["downtime_ms"] + 1.0, (dst["downtime_ms"], src["downtime_ms"])
+    assert b.call("jobs")[0]["progress_pct"] == 100.0
+    b.call("vm.delete", name="vm1")
