@@ -344,7 +344,8 @@ class FrameDecoder:
         Payload bytes are not read through here: after ``PayloadFollows`` they
         go into the caller's own buffers (``payload_received``).
         """
-        self._raise_if_failed()
+        if self._error is not None:
+            self._raise_if_failed()
         if self._payload_left:
             raise LocalProtocolError(
                 "payload bytes go to the caller's buffers (PayloadFollows, payload_received)"
@@ -363,7 +364,8 @@ class FrameDecoder:
 
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last ``get_buffer`` view."""
-        self._raise_if_failed()
+        if self._error is not None:
+            self._raise_if_failed()
         prefix = self._prefix
         if self._payload_left:
             raise LocalProtocolError("payload bytes are reported with payload_received")
@@ -414,7 +416,8 @@ class FrameDecoder:
 
     def next_event(self) -> Message | Payload | PayloadFollows | type[NEED_DATA] | type[CLOSED]:  # type: ignore[valid-type]
         """Return the next event, ``NEED_DATA`` or ``CLOSED``."""
-        self._raise_if_failed()
+        if self._error is not None:
+            self._raise_if_failed()
         try:
             return self._next_event()
         except RemoteProtocolError as exc:
