@@ -141,9 +141,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
                     return
                 self._ti += 1
                 self._got = 0
-                if self._ti < len(self._targets):
-                    return
-                self._payload_done()
+                if self._ti == len(self._targets):
+                    self._payload_done()   # the decoder now waits for the next prefix
+                return
             elif self._discard is not None:
                 return
             else:
