@@ -12,10 +12,12 @@ from protocol import (
     CLOSED,
     MAGIC,
     MAX_INCOMPLETE_FRAME_BYTES,
+    MAX_SECTIONS,
     NEED_DATA,
     PAGE_SIZE,
     PREFIX,
     PREFIX_SIZE,
+    QUERY_STATES,
     REGISTRY,
     TRANSITIONS,
     U64_MAX,
@@ -45,13 +47,16 @@ from protocol import (
     Role,
     RoundAck,
     RoundEnd,
+    SectionState,
     SessionState,
     StateTransfer,
+    VERIFY_MODES,
     Welcome,
     decode_body,
     encode_frame,
     parse_prefix,
 )
+from tests.unit.protocol.conftest import make_examples
 
 # -- strategies -------------------------------------------------------------------
 
@@ -63,6 +68,7 @@ ids = st.text(min_size=1, max_size=64)
 features = st.lists(st.text(max_size=24), max_size=8).map(tuple)
 nonce = st.binary(min_size=16, max_size=16)
 codes = st.sampled_from(list(ErrorCode))
+sections = st.integers(0, MAX_SECTIONS - 1)
 
 
 @st.composite
@@ -89,6 +95,7 @@ def page_batches(draw, max_pages: int = 64, max_runs: int = 8) -> PageBatch:
     flags = draw(st.sampled_from([BatchFlags.NONE, BatchFlags.ZERO]))
     pages = sum(counts)
     return PageBatch(
+        section=draw(sections),
         round=draw(ints),
         runs=tuple(zip(firsts, counts)),
         flags=flags,
@@ -121,23 +128,26 @@ STRATEGIES: dict[MsgType, st.SearchStrategy[Message]] = {
         workload=text,
         features=features,
         source=text,
-        populated=st.just(()) | st.just(((0, 1),)),
+        sections=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=4, unique=True).map(tuple),
+        setup=st.binary(max_size=64),
+        verify_mode=st.sampled_from(sorted(VERIFY_MODES)),
     ),
     MsgType.READY: st.builds(Ready, migration_id=ids, prefault_ms=ints),
     MsgType.PAGE_BATCH: page_batches(),
     MsgType.ROUND_END: st.builds(RoundEnd, round=ints, pages_sent=ints, dirty_pages=ints),
     MsgType.STATE_TRANSFER: st.builds(StateTransfer, vcpu_state=st.binary(max_size=64), device_state=st.binary(max_size=64)),
     MsgType.DIGESTS: st.builds(
-        Digests, chunk_pages=st.integers(1, U64_MAX), digests=st.integers(0, 8).map(lambda n: bytes(range(16)) * n)
+        Digests, section=sections, chunk_pages=st.integers(1, U64_MAX), digests=st.integers(0, 8).map(lambda n: bytes(range(16)) * n)
     ),
     MsgType.RESUME: st.builds(Resume, migration_id=ids),
     MsgType.RESUMED: st.builds(Resumed, writes=ints),
     MsgType.COMMIT: st.builds(Commit, migration_id=ids),
     MsgType.COMMITTED: st.just(Committed()),
     MsgType.QUERY: st.builds(Query, migration_id=ids),
-    MsgType.QUERY_RESULT: st.builds(QueryResult, migration_id=ids, state=text),
+    MsgType.QUERY_RESULT: st.builds(QueryResult, migration_id=ids, state=st.sampled_from(sorted(QUERY_STATES))),
     MsgType.ABORT: st.builds(Abort, code=codes, reason=text),
     MsgType.ROUND_ACK: st.builds(RoundAck, round=ints),
+    MsgType.SECTION_STATE: st.builds(SectionState, section=sections, data=st.binary(max_size=64)),
 }
 messages = st.one_of(*STRATEGIES.values())
 
@@ -308,26 +318,8 @@ def test_random_bodies_decode_or_raise_malformed(msg_type, body, data):
 
 S, D = Role.SOURCE, Role.DESTINATION
 MID = "mig-prop"
-CANONICAL: dict[MsgType, Message] = {
-    MsgType.HELLO: Hello(version_min=1, version_max=1, agent="s", features=(), max_live_migrations=1, nonce=b"c" * 16),
-    MsgType.WELCOME: Welcome(version=1, agent="d", features=(), max_live_migrations=1, slots=1, nonce=b"s" * 16, proof=b"", slots_free=1, memory_free_bytes=0, status="accepting"),
-    MsgType.AUTH: Auth(proof=b"p" * 32),
-    MsgType.REJECT: Reject(code=ErrorCode.BUSY, reason="busy"),
-    MsgType.PREPARE: Prepare(migration_id=MID, vm="vm", memory_bytes=PAGE_SIZE, workload="", features=(), source="s", populated=()),
-    MsgType.READY: Ready(migration_id=MID, prefault_ms=0),
-    MsgType.PAGE_BATCH: PageBatch(round=0, runs=((0, 1),), flags=BatchFlags.ZERO, payload_len=0),
-    MsgType.ROUND_END: RoundEnd(round=0, pages_sent=1, dirty_pages=0),
-    MsgType.STATE_TRANSFER: StateTransfer(vcpu_state=b"v", device_state=b"d"),
-    MsgType.DIGESTS: Digests(chunk_pages=1, digests=b"\0" * 16),
-    MsgType.RESUME: Resume(migration_id=MID),
-    MsgType.RESUMED: Resumed(writes=0),
-    MsgType.COMMIT: Commit(migration_id=MID),
-    MsgType.COMMITTED: Committed(),
-    MsgType.QUERY: Query(migration_id=MID),
-    MsgType.QUERY_RESULT: QueryResult(migration_id=MID, state="completed"),
-    MsgType.ABORT: Abort(code=ErrorCode.CANCELLED, reason="x"),
-    MsgType.ROUND_ACK: RoundAck(round=1),
-}
+#: one valid message per type, ids = MID (the shared example table)
+CANONICAL: dict[MsgType, Message] = make_examples(MID)
 SAME_ID = {MsgType.READY, MsgType.RESUME, MsgType.COMMIT, MsgType.QUERY_RESULT}
 
 
