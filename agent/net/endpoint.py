@@ -100,6 +100,7 @@ class _Handshake:
         self.authed = True
         if self.conn is not None:
             self.conn.max_body_bytes = self.gate.max_body_after_auth
+            self.conn.refuse_silently = False
 
     # called by agent.net.accept with the first request: False = no place, answer BUSY
     def admit(self, request) -> bool:
@@ -265,6 +266,7 @@ class MigrationEndpoint:
     async def _serve(self, h: _Handshake, holder: dict) -> None:
         conn = FrameProtocol(MigrationSession(Role.DESTINATION))
         conn.max_body_bytes = PRE_AUTH_MAX_BODY
+        conn.refuse_silently = self.ssl_context is not None
         conn.gate = h
         h.conn = conn
         handed = False

@@ -104,6 +104,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.peer_name: str | None = None
         #: the endpoint's handshake bookkeeping for this connection (None on the connecting side)
         self.gate: Any = None
+        #: a protocol error closes at once, unanswered (a TLS peer not yet authenticated)
+        self.refuse_silently = False
 
     # ---- asyncio callbacks -------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -239,12 +241,19 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._discard = memoryview(bytearray(DISCARD_BYTES))
         tr = self.transport
         if tr is not None and not tr.is_closing():
-            # Lingering close: answer, half-close, and swallow what the peer still
-            # sends, so our Abort is not lost to a reset caused by unread input.
-            tr.write(encode_frame(Abort(code=exc.code, reason=str(exc)[:1000])))
-            if tr.can_write_eof():
-                tr.write_eof()
-            asyncio.get_running_loop().call_later(LINGER_S, tr.close)
+            if self.refuse_silently:
+                # An unauthenticated TLS peer gets no answer and no lingering: a
+                # graceful TLS close would keep buffering what it still sends.
+                tr.abort()
+            else:
+                # Lingering close: answer, half-close, and swallow what the peer still
+                # sends, so our Abort is not lost to a reset caused by unread input.
+                tr.write(encode_frame(Abort(code=exc.code, reason=str(exc)[:1000])))
+                if tr.can_write_eof():
+                    tr.write_eof()
+                # TLS: no close_notify exchange after the linger (the peer may never answer it).
+                end = tr.abort if tr.get_extra_info("ssl_object") is not None else tr.close
+                asyncio.get_running_loop().call_later(LINGER_S, end)
         self._wake()
 
     def eof_received(self) -> bool:
@@ -262,9 +271,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if self.failure is None:
             self.failure = PeerLost(f"connection to {self.peer} lost" + (f": {exc}" if exc else " (EOF)"))
         self._release_targets()
+        # Nothing more is parsed: free a partly received body (up to 4 MiB) and the
+        # bounce buffer now, not when the cyclic GC gets to this protocol.
+        self._decoder = FrameDecoder(payload_passthrough=True)
+        self._bounce = bytearray(0)
         self._write_ok.set()
         self._closed.set()
         self._wake()
+        # ... and the transport (TLS: its buffers) once the loop is done with it.
+        self.transport = None
 
     def pause_writing(self) -> None:
         # A peer that does not read what we must answer (RoundAcks, an Abort)
