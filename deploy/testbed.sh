@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Multi-host livemig testbed on one machine, with network namespaces.
 #
-#   deploy/testbed.sh up N [--rate 1gbit] [--prefix NAME] [--state-dir DIR] [--timeout S]
+#   deploy/testbed.sh up N [--rate 1gbit] [--prefix NAME] [--state-dir DIR] [--timeout S] [--insecure]
 #   deploy/testbed.sh down   [--prefix NAME] [--state-dir DIR]
 #   deploy/testbed.sh status [--prefix NAME] [--state-dir DIR]
 #
@@ -31,7 +31,14 @@
 # Every agent runs as: ip netns exec lm-P-hN livemig agent --name hN
 #   --listen 198.18.0.N:7700 --control <state>/hN.sock --data-dir <state>/hN
 #   --shm-prefix livemig-tb-P   (its guests carry that prefix in their segment
-#   name, hence on their command line; agent logs in <state>/hN.log).
+#   name, hence on their command line; agent logs in <state>/hN.log)
+#   --set security.ca_file=<state>/tls/hN/ca.crt (and cert_file, key_file).
+#
+# Mutual TLS is on, as in production: `up` makes a throwaway cluster CA in
+# <state>/tls/ca (`livemig ca init`, which runs openssl) and a certificate per
+# host (`livemig cert issue hN`); `down` deletes them with the state dir.
+# --insecure runs the agents with security.mode = "insecure" instead (no TLS;
+# for comparisons only).
 #
 # `down` removes every namespace, link, process (agents, then their guests:
 # any process inside a testbed namespace or with the shm prefix on its command
@@ -66,6 +73,7 @@ RATE=""
 PREFIX=tb
 STATE_ROOT=${LIVEMIG_TESTBED_STATE:-/run/livemig-testbed}
 READY_TIMEOUT_S=30
+INSECURE=""
 if [[ "$CMD" == up ]]; then
     [[ $# -ge 1 ]] || usage
     N=$1
@@ -77,6 +85,7 @@ while [[ $# -gt 0 ]]; do
         --prefix) [[ $# -ge 2 ]] || usage; PREFIX=$2; shift 2 ;;
         --state-dir) [[ $# -ge 2 ]] || usage; STATE_ROOT=$2; shift 2 ;;
         --timeout) [[ $# -ge 2 ]] || usage; READY_TIMEOUT_S=$2; shift 2 ;;
+        --insecure) INSECURE=1; shift ;;
         -h|--help) usage ;;
         *) die "unknown argument $1" ;;
     esac
@@ -292,6 +301,7 @@ do_up() {
         echo "rate=${RATE:-none}"
         echo "livemig=$livemig"
         echo "shm_prefix=$SHM_PREFIX"
+        echo "security=$([[ -n "$INSECURE" ]] && echo insecure || echo tls)"
         echo "created=$(date -u +%FT%TZ)"
     } > "$STATE/meta"
 
@@ -313,15 +323,26 @@ do_up() {
             shape "$NS_BR" "$(veth_br "$i")"       # what host i receives
         fi
     done
+    local sec=()
+    if [[ -z "$INSECURE" ]]; then
+        "$livemig" ca init "$STATE/tls/ca" --name "livemig-testbed-$PREFIX" >/dev/null
+    fi
     for ((i = 1; i <= N; i++)); do
         ns=$(ns_host "$i")
         mkdir -p "$STATE/h$i"
+        if [[ -n "$INSECURE" ]]; then
+            sec=(--set security.mode=insecure)
+        else
+            "$livemig" cert issue "h$i" --ca "$STATE/tls/ca" --out "$STATE/tls/h$i" >/dev/null
+            sec=(--set security.mode=tls --set "security.ca_file=$STATE/tls/h$i/ca.crt"
+                 --set "security.cert_file=$STATE/tls/h$i/host.crt" --set "security.key_file=$STATE/tls/h$i/host.key")
+        fi
         # setsid: the agent (and its guests) must not get the terminal's
         # signals; bash without job control does not make it a group leader,
         # so setsid execs in place and $! is the agent's pid.
         ip netns exec "$ns" setsid "$livemig" agent --name "h$i" --listen "$NET.$i:$PORT" \
             --control "$STATE/h$i.sock" --data-dir "$STATE/h$i" --shm-prefix "$SHM_PREFIX" \
-            --log-format json </dev/null >>"$STATE/h$i.log" 2>&1 &
+            --log-format json "${sec[@]}" </dev/null >>"$STATE/h$i.log" 2>&1 &
         echo $! > "$STATE/h$i.pid"
     done
     # readiness: each control socket answers `status` (poll, with a deadline)

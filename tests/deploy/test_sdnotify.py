@@ -150,14 +150,15 @@ def _recv_until(s: socket.socket, want: bytes, proc: subprocess.Popen, timeout_s
 
 
 @pytest.mark.timeout(120)
-def test_agent_ready_watchdog_stopping_and_vms_survive(notify_sock, tmp_path, shm_prefix):
+def test_agent_ready_watchdog_stopping_and_vms_survive(notify_sock, tmp_path, shm_prefix, cluster_ca):
     from agent.control.server import ControlClient
     from agent.errors import AgentError
 
     s, path = notify_sock
     ctl = str(tmp_path / "a.sock")
     cmd = [sys.executable, "-m", "agent", "agent", "--name", "A", "--listen", "127.0.0.1:0", "--control", ctl,
-           "--data-dir", str(tmp_path / "A"), "--shm-prefix", shm_prefix, "--log-format", "json"]
+           "--data-dir", str(tmp_path / "A"), "--shm-prefix", shm_prefix, "--log-format", "json",
+           *cluster_ca.agent_args("A")]                                   # TLS, as every agent by default
     env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="200000")   # ping every 0.1 s
     env.pop("WATCHDOG_PID", None)
     log = open(tmp_path / "a.log", "ab")

@@ -119,6 +119,10 @@ def test_migrate_between_two_hosts_at_1gbit(prefix):
         st1, st2 = ControlClient(h1).call("status"), ControlClient(h2).call("status")
         assert (st1["agent"], st1["listen"]) == ("h1", "198.18.0.1:7700")
         assert (st2["agent"], st2["listen"]) == ("h2", "198.18.0.2:7700")
+        # mutual TLS, with the testbed's own throwaway CA: the migration below crosses it encrypted
+        for st, name in ((st1, "h1"), (st2, "h2")):
+            assert st["security"]["mode"] == "tls" and st["security"]["certificate"] == name, st["security"]
+            assert f"livemig-testbed-{prefix}" in st["security"]["issuer"]
         qd = subprocess.run(["ip", "netns", "exec", f"lm-{prefix}-h1", "tc", "qdisc", "show", "dev", "eth0"],
                             capture_output=True, text=True).stdout
         assert "tbf" in qd and "rate 1Gbit" in qd, qd
@@ -163,9 +167,12 @@ def test_migrate_between_two_hosts_at_1gbit(prefix):
 
 @pytest.mark.timeout(120)
 def test_failed_up_cleans_up_after_itself(prefix, tmp_path):
-    # an "agent" that exits at once: up must notice, report it and remove what it created
+    # an "agent" that exits at once (its `ca`/`cert` commands are the real ones, so the
+    # testbed gets as far as starting it): up must notice, report it and remove what it created
+    real = ROOT / ".venv" / "bin" / "livemig"
     fake = tmp_path / "livemig"
-    fake.write_text("#!/bin/sh\necho 'fake agent: exiting' >&2\nexit 3\n")
+    fake.write_text(f"#!/bin/sh\ncase \"$1\" in ca|cert) exec {real} \"$@\";; esac\n"
+                    "echo 'fake agent: exiting' >&2\nexit 3\n")
     fake.chmod(0o755)
     r = run_testbed("up", "2", "--rate", "100mbit", "--prefix", prefix, env=dict(os.environ, LIVEMIG=str(fake)))
     assert r.returncode != 0
@@ -187,6 +194,7 @@ def test_down_is_idempotent_and_status(prefix):
         assert r.returncode == 2 and "already" in r.stderr
         r = run_testbed("status", "--prefix", prefix)
         assert r.returncode == 0 and "198.18.0.1/24" in r.stdout and "h1: agent pid" in r.stdout, r.stdout
+        assert "security=tls" in r.stdout and re.search(r"security .*mode tls, certificate h1", r.stdout), r.stdout
         # an agent that died leaves a guest-less, socket-less host: down still removes everything
         pid = int((Path("/run/livemig-testbed") / prefix / "h1.pid").read_text())
         agent = psutil.Process(pid)
