@@ -121,7 +121,8 @@ class GuestSupervisor:
         if time.monotonic() < self._next_try.get(vm.name, 0.0):
             return
         vm.restarting = True                     # until the task runs: no second restart
-        self.tasks.spawn(self._restart(vm, reason), f"restart-guest:{vm.name}")
+        # Never cancelled (bounded by its timeouts): cut halfway, a guest would run with its pid unsaved.
+        self.tasks.spawn(self._restart(vm, reason), f"restart-guest:{vm.name}", cancellable=lambda: False)
 
     async def _restart(self, vm: Vm, reason: str) -> None:
         run = vm.ctl.cmd == Cmd.RUN

@@ -41,8 +41,8 @@ from typing import Iterator
 
 import psutil
 
-from memstore import (Cmd, GuestRam, is_guest_process, list_segments, parse_disk_map_name, segment_exists,
-                      segment_path, unlink_disk_maps, unlink_segment)
+from memstore import (Cmd, GuestRam, find_guests, is_guest_process, list_segments, parse_disk_map_name,
+                      segment_exists, segment_path, unlink_disk_maps, unlink_segment)
 
 from agent.errors import VmError
 from agent.observe.logs import get_logger
@@ -123,6 +123,7 @@ class VmRegistry:
         self.segment_prefix = f"{shm_prefix}.{agent_name}."
         self.journal = SegmentJournal(os.path.join(data_dir, "segments"))
         self._vms: dict[str, Vm] = {}
+        self._running_guests: dict[str, list[int]] = {}     # at adopt: guest processes by segment
         self.reserved: dict[str, int] = {}     # names held by inbound migrations before their shell exists
 
     def segment_name(self, vm: str, vm_id: str) -> str:
@@ -221,6 +222,7 @@ class VmRegistry:
         """Reconcile records, segments and guest processes after a (re)start."""
         result: dict[str, list[str]] = {"adopted": [], "restarted": [], "paused": [], "held": [],
                                         "broken": [], "discarded": []}
+        self._running_guests = find_guests(self.segment_prefix)      # {segment: [pid]}, whatever the records say
         for rec in self.records():
             if rec.state == "incoming":
                 self._discard_incoming(rec)
@@ -239,8 +241,11 @@ class VmRegistry:
 
     def _discard_incoming(self, rec: VmRecord) -> None:
         """The shell of an inbound migration that never reached resume: the source owns the VM."""
+        pids = set(self._running_guests.get(rec.segment, []))
         if rec.guest_pid and is_guest_process(rec.guest_pid, rec.segment):
-            _kill(rec.guest_pid)          # the standby guest of an unfinished shell
+            pids.add(rec.guest_pid)
+        for pid in pids:
+            _kill(pid)                    # the standby guest of an unfinished shell
         unlink_disk_maps(rec.segment)
         unlink_segment(rec.segment)
         self.journal.forget(rec.segment)
@@ -270,6 +275,11 @@ class VmRegistry:
             # Saved before the pause, and the pause never happened: nothing switched over.
             log.info("outbound_dropped_before_switchover", vm=rec.name, outbound=rec.outbound)
             rec.outbound = None
+        found = self._running_guests.get(rec.segment, [])
+        if not vm.guest_alive() and len(found) == 1:
+            # Launched, then the agent died before the record had the new pid: that guest is the VM's.
+            log.info("guest_found_by_segment", vm=rec.name, recorded_pid=rec.guest_pid, pid=found[0])
+            rec.guest_pid = found[0]
         if vm.guest_alive():
             vm.guest_wanted = True
             vm.launched_ns = time.monotonic_ns()  # heartbeat grace, as for a new guest

@@ -167,3 +167,17 @@ def test_vm_paused_by_an_unresolved_switchover_needs_force(agents):
     assert _record(a, "vm1")["outbound"] is None and _record(a, "vm1")["state"] == "running"
     wait_for(lambda: a.call("vm.show", name="vm1")["writes"] > info["writes"] + 200, 20, what="writes")
     a.call("vm.delete", name="vm1")
+
+
+def test_guest_running_on_the_segment_is_adopted_even_if_the_record_missed_its_pid(agents, shm_prefix):
+    """An agent killed between launching a guest and saving its pid: the next start finds that guest by its
+    segment instead of starting a second one on the same memory."""
+    a, vms = _agent_with_vms(agents, "vm1")
+    a.kill()
+    _edit_record(a, "vm1", guest_pid=0)
+    a.start()
+    info = a.call("vm.show", name="vm1")
+    assert info["guest_pid"] == vms["vm1"]["guest_pid"] and info["guest_restarts"] == 0
+    guests = [p for p in psutil.process_iter(["cmdline"]) if vms["vm1"]["segment"] in (p.info["cmdline"] or [])]
+    assert [p.pid for p in guests] == [vms["vm1"]["guest_pid"]]
+    a.call("vm.delete", name="vm1")
