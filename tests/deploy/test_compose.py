@@ -40,10 +40,47 @@ def _list_of_strings(v) -> list[str]:
     return v.split() if isinstance(v, str) else [str(x) for x in v]
 
 
-def check_structure(doc: dict, normalized: bool = False) -> None:
-    """``normalized``: the output of ``docker compose config`` (long volume syntax, absolute paths)."""
+def _mounts(svc: dict) -> dict[str, tuple[str, bool]]:
+    """target -> (source, read-only), from the short or the long (normalized) volume syntax."""
+    mounts = {}
+    for v in svc["volumes"]:
+        if isinstance(v, dict):
+            mounts[v["target"]] = (v["source"], bool(v.get("read_only")))
+        else:
+            parts = v.split(":")
+            mounts[parts[1]] = (parts[0], len(parts) > 2 and "ro" in parts[2].split(","))
+    return mounts
+
+
+def check_certs(doc: dict) -> None:
+    """The one-shot certs service: a CA no agent sees, one certificate per agent in its own volume."""
+    certs = doc["services"]["certs"]
+    assert "build" in certs
+    script = " ".join(_list_of_strings(certs["command"])) if not isinstance(certs["command"], str) else certs["command"]
+    assert "livemig ca init /ca" in script and "livemig cert issue" in script, script
+    assert "for n in a b c" in script, script
+    assert certs.get("network_mode") == "none", "making certificates needs no network"
+    m = _mounts(certs)
+    assert m["/ca"][0].endswith("ca")
+    for name in ("a", "b", "c"):
+        assert m[f"/tls/{name}"][0].endswith(f"tls-{name}")
+        agent = doc["services"][name]
+        dep = agent["depends_on"]
+        assert dep["certs"]["condition"] == "service_completed_successfully", dep
+        am = _mounts(agent)
+        assert am["/etc/livemig/tls"][0].endswith(f"tls-{name}") and am["/etc/livemig/tls"][1], am
+        assert not any(src == "ca" or src.endswith("_ca") for src, _ in am.values()), \
+            f"{name} must not mount the CA's volume"
+    for vol in ("ca", "tls-a", "tls-b", "tls-c"):
+        assert vol in doc["volumes"]
+
+
+def check_structure(doc: dict, ca, normalized: bool = False) -> None:
+    """``normalized``: the output of ``docker compose config`` (long volume syntax, absolute paths).
+    ``ca``: a ThrowawayCA whose certificates stand in for those the certs service makes."""
     services = doc["services"]
-    assert set(services) == {"a", "b", "c"}, sorted(services)
+    assert set(services) == {"certs", "a", "b", "c"}, sorted(services)
+    check_certs(doc)
     nets = doc["networks"]
     mig = nets["migration"]
     assert mig.get("internal") in (True, "true"), "the migration network must be internal"
@@ -53,6 +90,8 @@ def check_structure(doc: dict, normalized: bool = False) -> None:
     assert "control" in vols and "shared" in vols
     ips = set()
     for name, svc in services.items():
+        if name == "certs":
+            continue
         assert "build" in svc, f"{name}: every service names the build (never pulls livemig:latest)"
         shm = str(svc["shm_size"]).lower()
         assert shm in ("8gb", "8g", str(8 * 2**30)), f"{name}: shm_size {shm}"
@@ -79,7 +118,10 @@ def check_structure(doc: dict, normalized: bool = False) -> None:
         cfg_src = mounts["/etc/livemig/agent.toml"]
         cfg_path = Path(cfg_src) if normalized else (COMPOSE.parent / cfg_src)
         assert cfg_path.resolve() == (DEPLOY / "agent-compose.toml").resolve()
-        load_config(cfg_path, {"agent.name": name, "agent.listen": f"{host}:{port}", "agent.control": control})
+        creds = {f"security.{k}": v for k, v in ca.credentials(name).items()}
+        cfg = load_config(cfg_path, {"agent.name": name, "agent.listen": f"{host}:{port}", "agent.control": control,
+                                     **creds})
+        assert cfg.security.mode == "tls"
     assert len(ips) == 3
 
 
@@ -187,7 +229,7 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
-def test_compose_config_cli():
+def test_compose_config_cli(cluster_ca):
     cli = _compose_cli()
     if cli is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed: the YAML checks ran instead")
@@ -196,10 +238,10 @@ def test_compose_config_cli():
     if r.returncode != 0 and "format" in r.stderr:         # docker-compose v1 has no --format
         r = subprocess.run([*cli, "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=50, cwd=DEPLOY)
         assert r.returncode == 0, r.stderr
-        check_structure(mini_yaml(r.stdout), normalized=True)
+        check_structure(mini_yaml(r.stdout), cluster_ca, normalized=True)
         return
     assert r.returncode == 0, r.stderr
-    check_structure(json.loads(r.stdout), normalized=True)
+    check_structure(json.loads(r.stdout), cluster_ca, normalized=True)
 
 
 def _yaml_as_json(path: Path):
@@ -220,16 +262,16 @@ def _yaml_as_json(path: Path):
     return None, None
 
 
-def test_compose_yaml_parse():
+def test_compose_yaml_parse(cluster_ca):
     doc, how = _yaml_as_json(COMPOSE)
     if doc is None:
         pytest.skip("PyYAML is not available to any python3 here: only the minimal parser check ran")
     print(f"compose file parsed with {how}")
-    check_structure(doc)
+    check_structure(doc, cluster_ca)
 
 
-def test_compose_minimal_parse():
-    check_structure(mini_yaml(COMPOSE.read_text()))
+def test_compose_minimal_parse(cluster_ca):
+    check_structure(mini_yaml(COMPOSE.read_text()), cluster_ca)
 
 
 def test_minimal_parser_agrees_with_pyyaml_when_present():
@@ -253,3 +295,31 @@ def test_dockerfile():
     for m in re.finditer(r"^COPY (.+) \S+$", text, re.M):
         for src in m.group(1).split():
             assert (ROOT / src).exists(), src
+
+
+def test_certs_script_runs(tmp_path):
+    """The certs service's script, run here for real (its paths moved under tmp_path, chown
+    skipped: no livemig user on this machine): a CA and a certificate per agent, each for its
+    name, and a second run keeps them (compose `up` twice must not re-key the cluster)."""
+    import shutil as _sh
+
+    from agent.net.tls import cert_info
+
+    doc = mini_yaml(COMPOSE.read_text())
+    script = doc["services"]["certs"]["command"][0].replace("$$", "$")
+    script = script.replace("/ca", str(tmp_path / "ca")).replace("/tls/", str(tmp_path / "tls") + "/")
+    script = script.replace("chown -R livemig:livemig", "true")
+    livemig = Path(sys.executable).with_name("livemig")
+    env = dict(os.environ, PATH=f"{livemig.parent}:{os.environ.get('PATH', '')}")
+    assert _sh.which("livemig", path=env["PATH"]), "the livemig entry point is not installed in the venv"
+    for run in range(2):
+        r = subprocess.run(["/bin/sh", "-c", script], capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        if run == 0:
+            first = (tmp_path / "tls" / "a" / "host.crt").read_bytes()
+    assert (tmp_path / "tls" / "a" / "host.crt").read_bytes() == first
+    for name in ("a", "b", "c"):
+        d = tmp_path / "tls" / name
+        assert cert_info(str(d / "host.crt")).name == name
+        assert (d / "ca.crt").read_bytes() == (tmp_path / "ca" / "ca.crt").read_bytes()
+        assert not (d / "ca.key").exists()
