@@ -4,6 +4,13 @@ Per-migration options are checked here, before any job exists:
 ``downtime_ms`` int >= 1, ``max_bandwidth_mibps`` int >= 0, ``verify``
 "incremental" | "full", ``priority`` int (each may be absent or null).
 While the agent shuts down, no new migration is started.
+
+``migrate.check`` (``migrate --dry-run``) checks the VM here and asks the
+destination's admission (``precheck``) without creating anything on either
+side. ``migrate`` with ``check`` runs the same check first and refuses a
+migration the destination would refuse (``migrate`` without --wait fails
+fast instead of exiting 0 and failing later); a destination that is only
+busy (no free slot now) is not a refusal: the job queues.
 """
 from __future__ import annotations
 
@@ -11,12 +18,16 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from protocol import ErrorCode
+
+from agent.control.history import job_report
 from agent.daemon.config import parse_hostport
 from agent.daemon.vm import Vm
 from agent.errors import AgentError, VmError
 from agent.migration.jobs import Job
 from agent.migration.outbound import run_outbound
 from agent.migration.phases import is_cancellable
+from agent.migration.precheck import precheck
 from agent.observe.logs import get_logger
 
 if TYPE_CHECKING:
@@ -60,13 +71,23 @@ def _targets(op: str, value) -> list[str]:
     return targets
 
 
+def refusal_line(vm: str, answer: dict) -> str:
+    """One line for a precheck that said no: who refused what and why (or that nobody answered)."""
+    dest, reason = answer["destination"], answer["reason"] or "refused"
+    if answer.get("agent") is None:
+        return f"cannot migrate {vm}: {reason}"
+    reason = reason.removeprefix(f"{dest} refused: ")
+    return f"{dest} (agent {answer['agent']}) refuses {vm}: {reason}"
+
+
 class MigrateOps:
     def __init__(self, agent: "Agent") -> None:
         self.agent = agent
         self.host = agent.host
 
     def handlers(self) -> dict:
-        return {"migrate": self.migrate, "drain": self.drain, "undrain": self.undrain}
+        return {"migrate": self.migrate, "migrate.check": self.check, "drain": self.drain,
+                "undrain": self.undrain}
 
     def _refuse_if_stopping(self) -> None:
         if self.agent.shutting_down:
@@ -107,15 +128,31 @@ class MigrateOps:
                  verify=opts["verify"])
         return job
 
+    async def check(self, args: dict):
+        """The dry run: would this VM be admitted by the destination now? Creates nothing."""
+        opts = migration_options(args)
+        target = _targets("migrate", args.get("to"))[0]
+        vm = self.host.registry.get(args.get("vm"))
+        self._check_movable(vm)
+        answer = await precheck(self.host, vm, target, opts["verify"])
+        return {"vm": vm.name, "memory_bytes": vm.record.memory_bytes, **answer,
+                "message": None if answer["ok"] else refusal_line(vm.name, answer)}
+
     async def migrate(self, args: dict):
         self._refuse_if_stopping()
         opts = migration_options(args)
         targets = _targets("migrate", args.get("to"))
         vm = self.host.registry.get(args.get("vm"))
+        if args.get("check"):
+            self._check_movable(vm)
+            answer = await precheck(self.host, vm, targets[0], opts["verify"])
+            if not answer["ok"] and answer["code"] != ErrorCode.BUSY:
+                raise AgentError(refusal_line(vm.name, answer))
+            self._refuse_if_stopping()
         job = self._start_outbound(vm, targets[:1], opts)
         if args.get("wait"):
             await job.done.wait()
-            return job.report()
+            return job_report(job)
         return job.summary()
 
     async def drain(self, args: dict):

@@ -1,4 +1,8 @@
-"""Control handlers for the agent itself: ping, status, config.set."""
+"""Control handlers for the agent itself: ping, status, config.get, config.set.
+
+``config.get`` answers the configuration the agent runs with (every section
+as loaded, file paths but never a key's contents) and the run-time settings
+``config.set`` can change (``SETTINGS``), with their current values."""
 from __future__ import annotations
 
 import os
@@ -17,6 +21,20 @@ if TYPE_CHECKING:
 log = get_logger("livemig.control.status")
 
 LIMIT_KEYS = ("max_live_migrations", "max_storage_migrations")
+#: The run-time settings (config set KEY VALUE): what each one is.
+SETTINGS = {
+    "max-live-migrations": "live migrations at once, inbound and outbound together (1..1024)",
+    "max-storage-migrations": "storage moves at once on this host (1..1024)",
+}
+
+
+def agent_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("livemig")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def rss_anon_bytes() -> int:
@@ -38,7 +56,8 @@ class StatusOps:
         self._security: dict | None = None
 
     def handlers(self) -> dict:
-        return {"ping": self.ping, "status": self.status, "config.set": self.config_set}
+        return {"ping": self.ping, "status": self.status, "config.get": self.config_get,
+                "config.set": self.config_set}
 
     async def ping(self, args: dict):
         return {"agent": self.host.name, "pid": os.getpid()}
@@ -48,6 +67,7 @@ class StatusOps:
         queued = [j for j in h.jobs.running() if j.phase is MigrationPhase.QUEUED]
         return {
             "agent": h.name,
+            "version": agent_version(),
             "pid": os.getpid(),
             "listen": h.listen_addr,
             "metrics": ag.metrics_addr,
@@ -88,13 +108,35 @@ class StatusOps:
         gate = getattr(self.agent.endpoint, "gate", None)
         return {**self._security, **(gate.snapshot() if gate is not None else {})}
 
+    def _settings(self) -> dict:
+        values = {"max-live-migrations": self.host.slots.limit, "max-storage-migrations": self.host.storage_limit}
+        return {k: {"value": values[k], "help": v} for k, v in SETTINGS.items()}
+
+    async def config_get(self, args: dict):
+        key = args.get("key")
+        doc = {"settings": self._settings(), "config": self.agent.cfg.as_dict()}
+        if key is None:
+            return doc
+        if not isinstance(key, str):
+            raise AgentError(f"config.get: key must be a string, got {key!r}")
+        if key.replace("_", "-").removeprefix("limits.") in SETTINGS:
+            k = key.replace("_", "-").removeprefix("limits.")
+            return {"key": k, **doc["settings"][k]}
+        section, _, name = key.partition(".")
+        cfg = doc["config"]
+        if section in cfg and name in cfg[section]:
+            return {"key": key, "value": cfg[section][name]}
+        raise AgentError(f"unknown setting {key!r}; run-time settings: {', '.join(SETTINGS)}; "
+                         f"config keys: SECTION.KEY with SECTION one of {', '.join(cfg)}")
+
     async def config_set(self, args: dict):
         key, value = args["key"], args["value"]
         if not isinstance(key, str):
             raise AgentError(f"config.set: key must be a string, got {key!r}")
         key = key.replace("limits.", "").replace("-", "_")
         if key not in LIMIT_KEYS:
-            raise AgentError(f"unknown or read-only setting {key!r}")
+            raise AgentError(f"unknown or read-only setting {args['key']!r}; "
+                             f"settings: {', '.join(SETTINGS)} (config get lists the rest)")
         try:
             n = int(value)
         except (TypeError, ValueError):

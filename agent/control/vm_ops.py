@@ -237,7 +237,14 @@ class VmOps:
         return [vm.info() for vm in self.host.registry]
 
     async def show(self, args: dict):
-        return self.host.registry.get(_name(args)).info()
+        return {**self.host.registry.get(_name(args)).info(), "last_migration": self._last_migration(args["name"])}
+
+    def _last_migration(self, name: str) -> dict | None:
+        """When, from, to, downtime, verified: the VM's newest finished migration (history.py)."""
+        from agent.control.history import history_of
+
+        history = history_of(self.host.jobs.observers)
+        return history.last_migration(name) if history is not None else None
 
     async def delete(self, args: dict):
         vm = self._idle_vm(args, "delete")

@@ -30,6 +30,7 @@ import time
 
 from memstore import Cmd, DirtyMap, GuestError, SegmentError
 
+from agent.control.history import JobHistory
 from agent.control.job_ops import JobOps
 from agent.control.migrate_ops import MigrateOps
 from agent.control.server import ControlServer
@@ -168,6 +169,7 @@ class Agent:
         self.started_at = time.time()
         self.metrics = AgentMetrics(gauges=lambda: host_gauges(self.host))
         self.host.jobs.observers.append(_JobMetrics(self.metrics))
+        self.host.jobs.observers.append(JobHistory(a.data_dir))    # history.jsonl: jobs, vm show
         self.metrics_server = MetricsServer(self.metrics, *parse_hostport(metrics_listen)) if metrics_listen else None
         self.metrics_addr: str | None = None
         handlers: dict = {}
