@@ -11,16 +11,25 @@ import sys
 import time
 
 from agent.cli.client import Control
-from agent.cli.exits import EXIT_FAIL, EXIT_OK
+from agent.cli.cluster import Cluster
+from agent.cli.exits import EXIT_FAIL, EXIT_OK, EXIT_USAGE, CliError
 from agent.cli.output import (FINAL_STATES, emit, fmt_bytes, format_drain, format_progress, format_report,
                               format_vm, key_values, note, table, vm_rows)
+from agent.cli.units import human
 
 WAIT_FOREVER = None      # a --wait call lasts as long as the migration
 SHORT_CALL_S = 30.0
 
 
 def _control(ns) -> Control:
-    return Control(ns.agent)
+    return Control(cluster(ns).agent(ns.agent))
+
+
+def cluster(ns) -> Cluster:
+    """The hosts file (cluster.py), loaded once per command."""
+    if getattr(ns, "_cluster", None) is None:
+        ns._cluster = Cluster.load()
+    return ns._cluster
 
 
 def _wait_timeout(ns) -> float | None:
@@ -61,15 +70,22 @@ def cmd_vm_create(ns) -> int:
 
 
 def cmd_vm_list(ns) -> int:
+    cols = ["name", "state", "memory_bytes", "workload", "writes", "write_rate_pps", "disks", "disk_bytes",
+            "io_writes"]
+    if getattr(ns, "all", False):
+        from agent.cli.clusterview import each_host
+
+        return each_host(ns, cluster(ns), "vm.list", lambda rows: table(vm_rows(rows), ["host", *cols]))
     r = _control(ns).call("vm.list")
-    emit(ns, r, table(vm_rows(r), ["name", "state", "memory_bytes", "workload", "writes", "write_rate_pps",
-                                   "disks", "disk_bytes", "io_writes"]))
+    emit(ns, r, table(vm_rows(r), cols))
     return EXIT_OK
 
 
 def cmd_vm_show(ns) -> int:
+    from agent.cli.clusterview import last_migration_line
+
     r = _control(ns).call("vm.show", name=ns.name)
-    emit(ns, r, format_vm(r))
+    emit(ns, r, format_vm({**r, "last_migration": last_migration_line(r.get("last_migration"))}))
     return EXIT_OK
 
 
@@ -117,20 +133,63 @@ def migrate_args(ns) -> dict:
     return migration_args(ns, vm=ns.vm, to=ns.to, priority=ns.priority, verify=ns.verify)
 
 
+def _resolve_to(ns) -> None:
+    """``--to``: a host name of the hosts file, HOST (default port) or HOST:PORT."""
+    c = cluster(ns)
+    ns.to = [c.target(t) for t in ns.to] if isinstance(ns.to, list) else c.target(ns.to)
+
+
 def cmd_migrate(ns) -> int:
-    r = _control(ns).call("migrate", timeout_s=_wait_timeout(ns), **migrate_args(ns))
+    _resolve_to(ns)
+    cl = _control(ns)
+    if ns.dry_run:
+        return dry_run(ns, cl)
     if not ns.wait:
+        # The destination's admission first: a refusal is an error now, not a failed job later.
+        r = cl.call("migrate", timeout_s=SHORT_CALL_S, check=True, **migrate_args(ns))
         emit(ns, r, r["id"])
         return EXIT_OK
+    from agent.cli.progress import wait_jobs
+
+    job = cl.call("migrate", timeout_s=SHORT_CALL_S, **{**migrate_args(ns), "wait": False})
+    r = wait_jobs(lambda: cl.call("job.wait", timeout_s=WAIT_FOREVER, id=job["id"]),
+                  lambda: [j for j in cl.call("jobs", running=True) if j["id"] == job["id"]],
+                  lambda j: cl.call("cancel", timeout_s=WAIT_FOREVER, id=j["id"]))
     emit(ns, r, format_report(r))
+    if r.get("state") == "cancelled":
+        note(f"migration {r['id']} cancelled: {r['vm']} runs here")
     return migration_exit(r)
 
 
-def cmd_drain(ns) -> int:
-    r = _control(ns).call("drain", timeout_s=_wait_timeout(ns), **migration_args(ns, to=ns.to))
-    if not ns.wait:
-        emit(ns, r, "maintenance on; queued " + " ".join(j["id"] for j in r["jobs"]))
+def dry_run(ns, cl: Control) -> int:
+    """``migrate --dry-run``: this VM checked here, then the destination's admission; nothing is created."""
+    r = cl.call("migrate.check", vm=ns.vm, to=ns.to, verify=ns.verify)
+    r["reject_code"] = r.pop("code", None)           # the destination's (protocol) code, not an exit code
+    who = f"{r['destination']}" + (f" (agent {r['agent']})" if r.get("agent") else "")
+    if r["ok"]:
+        emit(ns, r, f"{who} would accept {r['vm']} ({fmt_bytes(r['memory_bytes'])}); answered in {r['ms']:.0f} ms")
         return EXIT_OK
+    message = r.get("message") or f"{who} refuses {r['vm']}: {r['reason']}"
+    if ns.json:                                      # the error form, with the destination's answer beside it
+        emit(ns, {"error": message, "code": EXIT_FAIL, **r}, "")
+        return EXIT_FAIL
+    raise CliError(message)
+
+
+def cmd_drain(ns) -> int:
+    _resolve_to(ns)
+    cl = _control(ns)
+    if not ns.wait:
+        r = cl.call("drain", timeout_s=SHORT_CALL_S, **migration_args(ns, to=ns.to))
+        emit(ns, r, "maintenance on; queued " + (" ".join(j["id"] for j in r["jobs"]) or "nothing"))
+        return EXIT_OK
+    from agent.cli.progress import wait_jobs
+
+    before = {j["id"] for j in cl.call("jobs", running=True)}
+    r = wait_jobs(lambda: cl.call("drain", timeout_s=WAIT_FOREVER, **migration_args(ns, to=ns.to)),
+                  lambda: [j for j in cl.call("jobs", running=True)
+                           if j["id"] not in before and j.get("direction") == "outbound"],
+                  lambda j: cl.call("cancel", timeout_s=WAIT_FOREVER, id=j["id"]))
     emit(ns, r, format_drain(r))
     return drain_exit(r)
 
@@ -144,8 +203,9 @@ def cmd_undrain(ns) -> int:
 def watch_jobs(cl: Control, interval_s: float) -> int:
     """Live progress bars until every job has ended."""
     tty = sys.stdout.isatty()
+    t0 = time.time()
     while True:
-        jobs = cl.call("jobs")
+        jobs = cl.call("jobs", since=t0)          # those under way, and those that ended while watched
         lines = [format_progress(j) for j in jobs] or ["(no jobs)"]
         if tty:
             sys.stdout.write("\x1b[H\x1b[2J")
@@ -157,19 +217,65 @@ def watch_jobs(cl: Control, interval_s: float) -> int:
         time.sleep(interval_s)   # a display refresh period, not a wait for a condition
 
 
+JOB_COLUMNS = ["id", "kind", "vm", "direction", "source", "destination", "state", "progress_pct",
+               "finished_at", "downtime_ms", "verified", "error"]
+
+
+def jobs_filters(ns) -> dict:
+    f = {}
+    if ns.vm:
+        f["vm"] = ns.vm
+    if ns.state:
+        f["state"] = ns.state
+    if ns.since is not None:
+        f["since"] = ns.since
+    return f
+
+
 def cmd_jobs(ns) -> int:
+    if ns.all:
+        from agent.cli.clusterview import each_host
+
+        return each_host(ns, cluster(ns), "jobs", lambda rows: table(rows, ["host", *JOB_COLUMNS]),
+                         **jobs_filters(ns))
     cl = _control(ns)
     if ns.watch:
         return watch_jobs(cl, ns.interval)
-    r = cl.call("jobs")
-    emit(ns, r, table(r, ["id", "kind", "vm", "direction", "source", "destination", "state", "pages_sent", "error"]))
+    r = cl.call("jobs", **jobs_filters(ns))
+    emit(ns, r, table(r, JOB_COLUMNS))
     return EXIT_OK
 
 
 def cmd_job(ns) -> int:
+    if ns.id == "set":
+        return job_set(ns)
+    if ns.target is not None:
+        raise CliError(f"job: unexpected {ns.target!r} after the job id (to tune a job: livemig job set ID ...)",
+                       EXIT_USAGE)
+    if ns.max_bandwidth is not None or ns.downtime_ms is not None:
+        raise CliError("job: --max-bandwidth and --downtime-ms go with 'livemig job set ID'", EXIT_USAGE)
     r = _control(ns).call("job.wait" if ns.wait else "job.show", timeout_s=_wait_timeout(ns), id=ns.id)
     emit(ns, r, format_report(r))
     return migration_exit(r) if ns.wait else EXIT_OK
+
+
+def job_set(ns) -> int:
+    """``job set ID --max-bandwidth MIBPS --downtime-ms MS``: tune a running outbound migration."""
+    if ns.target is None:
+        raise CliError("job set: which job? (livemig job set ID --max-bandwidth MIBPS --downtime-ms MS)", EXIT_USAGE)
+    if ns.max_bandwidth is None and ns.downtime_ms is None:
+        raise CliError("job set: nothing to set: give --max-bandwidth MIBPS and/or --downtime-ms MS", EXIT_USAGE)
+    if ns.wait:
+        raise CliError("job set: --wait goes with 'livemig job ID --wait'", EXIT_USAGE)
+    args = {"id": ns.target}
+    if ns.max_bandwidth is not None:
+        args["max_bandwidth_mibps"] = ns.max_bandwidth
+    if ns.downtime_ms is not None:
+        args["downtime_ms"] = ns.downtime_ms
+    r = _control(ns).call("job.set", **args)
+    bw = "unlimited" if not r["max_bandwidth_mibps"] else f"{r['max_bandwidth_mibps']} MiB/s"
+    emit(ns, r, f"{r['id']} ({r['vm']}, {r['state']}): bandwidth {bw}, downtime target {r['downtime_ms']} ms")
+    return EXIT_OK
 
 
 def cmd_report(ns) -> int:
@@ -186,7 +292,8 @@ def cmd_report(ns) -> int:
 
 def cmd_cancel(ns) -> int:
     r = _control(ns).call("cancel", timeout_s=WAIT_FOREVER, id=ns.id)
-    emit(ns, r, f"{r['id']}: {r['status']}")
+    state = r.get("state", r["status"])
+    emit(ns, r, f"{r['id']} ({r['vm']}): {state}" + (f"; {r['vm']} runs here" if state == "cancelled" else ""))
     return EXIT_OK if r["status"] == "cancelled" else EXIT_FAIL
 
 
@@ -199,7 +306,23 @@ def cmd_status(ns) -> int:
 
 def cmd_config_set(ns) -> int:
     r = _control(ns).call("config.set", key=ns.key, value=ns.value)
-    emit(ns, r, json.dumps(r))
+    emit(ns, r, "\n".join(f"{k.replace('_', '-')} = {v}" for k, v in r.items()))
+    return EXIT_OK
+
+
+def cmd_config_get(ns) -> int:
+    args = {"key": ns.key} if ns.key else {}
+    r = _control(ns).call("config.get", **args)
+    if ns.key:
+        emit(ns, r, f"{r['key']} = {human(r['key'], r['value'])}")
+        return EXIT_OK
+    lines = ["run-time settings (livemig config set KEY VALUE):"]
+    lines += [f"  {k:24} {v['value']:<6} {v['help']}" for k, v in r["settings"].items()]
+    lines.append("configuration (file and flags; livemig agent --set SECTION.KEY=VALUE):")
+    for section, keys in r["config"].items():
+        lines += [f"  {section + '.' + k:38} {human('', v) if not isinstance(v, str) else v or '-'}"
+                  for k, v in keys.items()]
+    emit(ns, r, "\n".join(lines))
     return EXIT_OK
 
 

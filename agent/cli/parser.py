@@ -14,6 +14,7 @@ import os
 from typing import Callable
 
 from agent.cli import agentcmd, commands as c
+from agent.control.status_ops import SETTINGS
 from agent.cli.exits import EXIT_CODES_HELP, UsageError
 
 VERIFY_MODES = ("incremental", "full")
@@ -129,6 +130,8 @@ def _add_vm(sub) -> None:
         p = _command(vm, name, func, help_text)
         if name != "list":
             p.add_argument("name", help="VM name")
+        else:
+            _all(p, "the VMs of every host in the hosts file, with a HOST column")
         if name == "delete":
             p.add_argument("--keep-files", action="store_true",
                            help="keep the VM's disk images (attached ones are always kept)")
@@ -142,8 +145,25 @@ def _add_vm(sub) -> None:
         _json(p)
 
 
+def _all(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--all", action="store_true",
+                   help=f"{help_text} ($LIVEMIG_HOSTS or ~/.config/livemig/hosts.toml; see 'livemig hosts --help')")
+
+
+def since(text: str) -> float:
+    """``--since``: 30s, 15m, 1h, 2d or an ISO 8601 time -> Unix time."""
+    from agent.cli.units import parse_since
+
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_migration_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--wait", action="store_true", help="wait for the end, print the report; exit 0 only if verified")
+    p.add_argument("--wait", action="store_true",
+                   help="wait for the end (live progress on a terminal; Ctrl-C cancels, twice detaches), "
+                        "print the report; exit 0 only if verified")
     p.add_argument("--downtime-ms", type=int_at_least(1), metavar="MS",
                    help="downtime target for this migration, >= 1 (e.g. 50)")
     p.add_argument("--max-bandwidth", type=int_at_least(0), metavar="MIBPS",
@@ -154,53 +174,83 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
 def _add_migrate(sub) -> None:
     m = _command(sub, "migrate", c.cmd_migrate, "live-migrate a VM to another agent")
     m.add_argument("vm", help="VM name")
-    m.add_argument("--to", required=True, metavar="HOST:PORT", help="destination agent (e.g. 10.0.0.2:7700)")
+    m.add_argument("--to", required=True, metavar="HOST[:PORT]",
+                   help="destination agent: HOST:PORT, HOST (port 7700 or the hosts file's default_port) or a "
+                        "host name from the hosts file (e.g. 10.0.0.2:7700, host-b)")
+    m.add_argument("--dry-run", action="store_true",
+                   help="only ask the destination whether it would take the VM now (memory, slots, name, "
+                        "maintenance); creates nothing. Without --wait, migrate runs this check first anyway")
     m.add_argument("--priority", type=integer, default=0, help="higher leaves the queue first (default 0; e.g. 10)")
     m.add_argument("--verify", choices=VERIFY_MODES, default=None,
                    help="how memory is proven equal: incremental (hashed while pages arrive) or full "
                         "(all of it hashed again); default: the agent's migration.verify")
     _add_migration_options(m)
     dr = _command(sub, "drain", c.cmd_drain, "maintenance: accept no VMs and move every VM to the targets")
-    dr.add_argument("--to", action="append", required=True, metavar="HOST:PORT",
-                    help="a target agent, repeatable (e.g. --to 10.0.0.2:7700 --to 10.0.0.3:7700)")
+    dr.add_argument("--to", action="append", required=True, metavar="HOST[:PORT]",
+                    help="a target agent, repeatable, as for migrate --to (e.g. --to 10.0.0.2:7700 --to host-c)")
     _add_migration_options(dr)
     _json(_command(sub, "undrain", c.cmd_undrain, "end maintenance: accept inbound VMs again"))
 
 
 def _add_jobs(sub) -> None:
-    j = _command(sub, "jobs", c.cmd_jobs, "migrations of this agent (running and finished)")
+    j = _command(sub, "jobs", c.cmd_jobs, "migrations of this agent: running, and finished ones "
+                 "(the last 200 are kept across restarts)")
     _json(j)
+    j.add_argument("--vm", metavar="NAME", help="only this VM's migrations")
+    j.add_argument("--state", metavar="STATE",
+                   help="only jobs in this state (e.g. failed, completed, cancelled, precopy, queued)")
+    j.add_argument("--since", type=since, metavar="WHEN",
+                   help="only jobs running or ended since WHEN: 30s, 15m, 1h, 2d or an ISO 8601 time")
+    _all(j, "the jobs of every host in the hosts file, with a HOST column")
     j.add_argument("--watch", action="store_true", help="live progress until every job has ended (Ctrl-C stops)")
     j.add_argument("--interval", type=float, default=1.0, help=argparse.SUPPRESS)
-    r = _command(sub, "job", c.cmd_job, "one migration's report")
-    r.add_argument("id", help="job id (from 'livemig jobs')")
+    r = _command(sub, "job", c.cmd_job, "one migration's report (job ID), or tune a running one (job set ID ...)",
+                 usage="%(prog)s [-h] [--wait] [--json] ID\n       %(prog)s set ID [--max-bandwidth MIBPS] "
+                       "[--downtime-ms MS] [--json]")
+    r.add_argument("id", metavar="ID", help="job id (from 'livemig jobs'), or 'set' to tune the job that follows")
+    r.add_argument("target", nargs="?", metavar="ID", help="with 'set': the job to tune (a running outbound migration)")
     r.add_argument("--wait", action="store_true", help="wait for the end; exit 0 only if completed and verified")
+    r.add_argument("--max-bandwidth", type=int_at_least(0), metavar="MIBPS",
+                   help="with 'set': the new bandwidth cap in MiB/s, 0 = unlimited (e.g. 200)")
+    r.add_argument("--downtime-ms", type=int_at_least(1), metavar="MS",
+                   help="with 'set': the new downtime target in ms (e.g. 100)")
     _json(r)
     rp = _command(sub, "report", c.cmd_report, "one migration's report, or a picture of it (--svg)")
     rp.add_argument("id", help="job id (from 'livemig jobs')")
     rp.add_argument("--svg", metavar="FILE", help="write an SVG: rounds, dirty pages, bandwidth, the pause")
     _json(rp)
     k = _command(sub, "cancel", c.cmd_cancel, "cancel a migration before commit (the VM stays here)")
-    k.add_argument("id", help="job id (from 'livemig jobs')")
+    k.add_argument("id", metavar="ID|VM", help="job id (from 'livemig jobs'), or the name of a VM migrating away")
     _json(k)
 
 
 def _add_misc(sub) -> None:
-    _json(_command(sub, "status", c.cmd_status, "agent status: limits, slots, memory, maintenance"))
-    cf = _command(sub, "config", None, "change a setting at run time")
-    cs = _command(cf.add_subparsers(dest="cfgcmd", required=True, metavar="COMMAND"), "set", c.cmd_config_set,
-                  "set a run-time setting")
-    cs.add_argument("key", help="max-live-migrations or max-storage-migrations")
+    _json(_command(sub, "status", c.cmd_status, "agent status: version, limits, slots, memory, maintenance"))
+    cf = _command(sub, "config", None, "show the agent's configuration, change a setting at run time")
+    cfs = cf.add_subparsers(dest="cfgcmd", required=True, metavar="COMMAND")
+    settings = "\n".join(f"  {k:24} {v}" for k, v in SETTINGS.items())
+    cs = _command(cfs, "set", c.cmd_config_set, f"set a run-time setting (not kept across restarts).\n\n"
+                  f"settings:\n{settings}")
+    cs.add_argument("key", metavar="KEY", help=f"one of: {', '.join(SETTINGS)}")
     cs.add_argument("value", help="the new value (e.g. 4)")
     _json(cs)
-    bn = _command(sub, "bench", c.cmd_bench, "the benchmark: real agents, side by side with raw TCP")
-    bn.add_argument("args", nargs=argparse.REMAINDER, help="--quick, --json, --out DIR, --only A,B, --runs N")
+    cg = _command(cfs, "get", c.cmd_config_get, "the run-time settings and the configuration the agent runs "
+                  f"with (SECTION.KEY), or one key.\n\nrun-time settings:\n{settings}")
+    cg.add_argument("key", nargs="?", metavar="KEY",
+                    help="a setting (e.g. max-live-migrations) or SECTION.KEY (e.g. migration.downtime_target_ms)")
+    _json(cg)
+    # --help and every other option go to the benchmark (python -m agent.bench), which has its own parser.
+    bn = _command(sub, "bench", c.cmd_bench, "the benchmark: real agents, side by side with raw TCP "
+                  "('livemig bench --help' for its options)", add_help=False)
+    bn.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's options (--quick, --json, --out DIR, "
+                    "--only A,B, --runs N; see livemig bench --help)")
     _command(sub, "demo", c.cmd_demo, "two agents, one VM, one live migration")
 
 
 #: Command groups that live in their own modules: each has ``register(sub, command)``
 #: (``command`` is ``_command`` above: name, function, help -> parser).
-COMMAND_MODULES = ("agent.cli.storage", "agent.cli.security")
+COMMAND_MODULES = ("agent.cli.storage", "agent.cli.security", "agent.cli.top", "agent.cli.clusterview",
+                   "agent.cli.completion")
 
 
 def _add_modules(sub) -> None:

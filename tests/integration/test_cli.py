@@ -33,7 +33,7 @@ def test_completed_and_verified_migration_exits_0(agents):
     a.call("vm.create", name="vm1", memory="16M", workload="uniform:rate=2000")
     r = agents.cli(a, "migrate", "vm1", "--to", b.addr, "--wait", "--verify", "incremental", "--downtime-ms", "200")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "status        completed" in r.stdout and "verified      yes" in r.stdout
+    assert "state         completed" in r.stdout and "verified      yes" in r.stdout
     assert b.call("vm.show", name="vm1")["state"] == "running"
     job = next(j for j in a.call("jobs") if j["vm"] == "vm1")
     r = agents.cli(a, "job", job["id"], "--wait", "--json")
@@ -49,7 +49,7 @@ def test_failed_migration_exits_1_with_its_report(agents):
         port = s.getsockname()[1]
         r = agents.cli(a, "migrate", "vm1", "--to", f"127.0.0.1:{port}", "--wait")
         assert r.returncode == 1
-        assert "status        failed" in r.stdout and "Traceback" not in r.stderr
+        assert "state         failed" in r.stdout and "Traceback" not in r.stderr
         job = next(j for j in a.call("jobs") if j["vm"] == "vm1")
         r = agents.cli(a, "job", job["id"], "--wait", "--json")
     assert r.returncode == 1 and json.loads(r.stdout)["status"] == "failed"
@@ -104,7 +104,7 @@ def test_bad_data_dir_at_agent_start_is_one_line(tmp_path):
     afile = tmp_path / "plain-file"
     afile.write_text("")
     r = _run("agent", "--data-dir", str(afile / "data"), "--control", str(tmp_path / "c.sock"),
-             "--listen", "127.0.0.1:0")
+             "--listen", "127.0.0.1:0", "--set", "security.mode=insecure")
     assert r.returncode == 1
     assert "data directory" in _one_clear_line(r) and "Not a directory" in r.stderr
     assert not (tmp_path / "c.sock").exists()

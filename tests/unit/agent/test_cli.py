@@ -86,7 +86,8 @@ def test_agent_start_errors_are_one_line(tmp_path, capsys):
     assert "--set expects SECTION.KEY=VALUE" in capsys.readouterr().err
     afile = tmp_path / "a-file"
     afile.write_text("")
-    assert main(["agent", "--data-dir", str(afile / "data"), "--control", str(tmp_path / "c.sock")]) == EXIT_FAIL
+    assert main(["agent", "--data-dir", str(afile / "data"), "--control", str(tmp_path / "c.sock"),
+                 "--set", "security.mode=insecure"]) == EXIT_FAIL
     err = capsys.readouterr().err
     assert f"data directory {afile / 'data'}: Not a directory" in err and err.count("\n") == 1, err
     assert main(["agent", "--set", "migration.max_round=3", "--data-dir", str(tmp_path)]) == EXIT_FAIL
