@@ -48,6 +48,10 @@ def format_vm(r: dict) -> str:
 
 
 def format_report(r: dict) -> str:
+    if r.get("kind") == "storage":
+        from agent.cli.storage import format_storage_report
+
+        return format_storage_report(r)
     """A migration's report: sizes in binary units, bandwidth in MiB/s, times as ISO 8601 and relative."""
     if r.get("kind") == "storage":
         from agent.cli.storage import format_storage_report
@@ -116,6 +120,10 @@ def progress_figures(j: dict) -> str:
 
 
 def format_progress(j: dict) -> str:
+    if j.get("kind") == "storage":
+        from agent.cli.storage import format_storage_progress
+
+        return format_storage_progress(j)
     if j.get("kind") == "storage":
         from agent.cli.storage import format_storage_progress
 

@@ -7,7 +7,8 @@ Lifecycle (uvicorn order):
   stops there, having touched nothing.
 - ``start()`` binds the migration endpoint and the control socket (not yet
   accepting), adopts the VMs left from a previous run, sweeps the segments
-  its journal proves are its orphans, then accepts on both, starts the
+  its journal proves are its orphans, finishes or undoes the storage moves
+  a killed agent left (their manifests), then accepts on both, starts the
   metrics server, heat tracking, the guest supervisor, the recovery of VMs
   paused by an unresolved outbound switchover, and tells systemd it is ready.
 - ``serve()`` waits for the stop event.
@@ -35,6 +36,7 @@ from agent.control.job_ops import JobOps
 from agent.control.migrate_ops import MigrateOps
 from agent.control.server import ControlServer
 from agent.control.status_ops import StatusOps
+from agent.control.storage_ops import StorageOps
 from agent.control.vm_ops import VmOps
 from agent.daemon.config import AgentConfig, parse_hostport
 from agent.daemon.host import Host, InstanceLock
@@ -44,6 +46,7 @@ from agent.daemon.vm import Vm
 from agent.errors import AgentError, VmError
 from agent.migration.heat import HEAT_PERIOD_S
 from agent.migration.jobs import Job
+from agent.migration.storage import recover_moves
 from agent.net.endpoint import MigrationEndpoint
 from agent.observe import sdnotify
 from agent.observe.logs import get_logger
@@ -175,6 +178,8 @@ class Agent:
         handlers: dict = {}
         for ops in (StatusOps(self), VmOps(self), MigrateOps(self), JobOps(self)):
             handlers.update(ops.handlers())
+        # storage.move, and cancel for storage jobs (other jobs go on to JobOps' cancel)
+        handlers.update(StorageOps(self, other_cancel=handlers["cancel"]).handlers())
         self.control = ControlServer(a.control, a.control_mode, handlers)
 
     # ---- lifecycle -------------------------------------------------------
@@ -186,6 +191,7 @@ class Agent:
         reg = self.host.registry
         log.info("vms_adopted", **reg.adopt())
         log.info("segments_swept", **reg.sweep_orphans())
+        log.info("storage_moves_recovered", **await asyncio.to_thread(recover_moves, self.host))
         await self.endpoint.serve()
         await self.control.serve()
         if self.metrics_server is not None:

@@ -22,7 +22,7 @@ from agent.daemon.config import AgentConfig
 from agent.errors import AgentError
 from agent.migration.jobs import JobTable
 from agent.daemon.registry import VmRegistry
-from agent.migration.scheduler import HostBandwidth, LiveSlots, PairLimits
+from agent.migration.scheduler import HostBandwidth, LiveSlots, PairLimits, StorageSlots
 
 
 MEMORY_HEADROOM_BYTES = 256 * 2**20     # kept free for the host itself
@@ -46,12 +46,21 @@ class Host:
         self._load_taken()
         bw = self.cfg.limits.host_max_bandwidth_mibps
         self.bandwidth = HostBandwidth(bw) if bw else None
-        self.storage_limit = self.cfg.limits.max_storage_migrations
+        self.storage_slots = StorageSlots(self.cfg.limits.max_storage_migrations)
         self.guest_log_dir = self.registry.guest_log_dir
 
     @property
     def name(self) -> str:
         return self.cfg.agent.name
+
+    @property
+    def storage_limit(self) -> int:
+        """Storage moves at once on this host (``config set max-storage-migrations``)."""
+        return self.storage_slots.limit
+
+    @storage_limit.setter
+    def storage_limit(self, n: int) -> None:
+        self.storage_slots.set_limit(n)         # a raised limit lets queued moves go at once
 
     def capabilities(self) -> Capabilities:
         return Capabilities(

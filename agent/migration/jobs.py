@@ -1,10 +1,27 @@
-"""Jobs: one per migration this agent takes part in (outbound or inbound)."""
+"""Jobs: one per migration this agent takes part in (outbound or inbound),
+and one per storage move (``StorageJob``, ``kind: "storage"``).
+
+A storage job has its own phases (``StoragePhase``, its own transition
+table and compare-and-swap tracker, as phases.py does for migrations)::
+
+    queued -> scanning -> copying -> mirroring -> switching -> pivoting -> completed
+    scanning -> switching                  (only renames: nothing to copy)
+    any phase before pivoting -> cancelling -> cancelled
+    any phase before completed -> failed
+
+``pivoting`` is past the point of no return for cancel: the copies are
+verified and the guest is being switched to them (a failure there undoes
+the switch itself and fails the job).
+"""
 from __future__ import annotations
 
 import asyncio
+import enum
 import secrets
 import time
+from typing import Final, Mapping
 
+from agent.errors import InvalidTransition
 from agent.migration.phases import FINAL, MigrationPhase, PhaseTracker
 from agent.migration.stats import MigrationStats
 
@@ -12,6 +29,8 @@ MAX_FINISHED_JOBS = 1000
 
 
 class Job:
+    kind = "live"
+
     def __init__(self, *, vm: str, source: str, destination: str, direction: str, job_id: str | None = None) -> None:
         self.id = job_id or secrets.token_hex(6)
         self.vm = vm
@@ -64,6 +83,7 @@ class Job:
         s = self.stats
         return {
             "id": self.id,
+            "kind": self.kind,
             "vm": self.vm,
             "direction": self.direction,
             "source": self.source,
@@ -96,6 +116,7 @@ class Job:
         status = self.phase.value if self.phase in FINAL else "running"
         return {
             "id": self.id,
+            "kind": self.kind,
             "status": status,
             "error": self.error,
             "vm": self.vm,
@@ -133,21 +154,188 @@ class Job:
         }
 
 
+class StoragePhase(enum.Enum):
+    QUEUED = "queued"
+    SCANNING = "scanning"
+    COPYING = "copying"
+    MIRRORING = "mirroring"
+    SWITCHING = "switching"
+    PIVOTING = "pivoting"
+    COMPLETED = "completed"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+
+S = StoragePhase
+_S_ABORT = frozenset({S.CANCELLING, S.FAILED})
+STORAGE_TRANSITIONS: Final[Mapping[StoragePhase, frozenset[StoragePhase]]] = {
+    S.QUEUED: frozenset({S.SCANNING}) | _S_ABORT,
+    S.SCANNING: frozenset({S.COPYING, S.SWITCHING}) | _S_ABORT,
+    S.COPYING: frozenset({S.MIRRORING}) | _S_ABORT,
+    S.MIRRORING: frozenset({S.SWITCHING}) | _S_ABORT,
+    S.SWITCHING: frozenset({S.PIVOTING}) | _S_ABORT,
+    S.PIVOTING: frozenset({S.COMPLETED, S.FAILED}),
+    S.CANCELLING: frozenset({S.CANCELLED}),
+    S.COMPLETED: frozenset(),
+    S.CANCELLED: frozenset(),
+    S.FAILED: frozenset(),
+}
+STORAGE_FINAL: Final = frozenset({S.COMPLETED, S.CANCELLED, S.FAILED})
+
+
+class StorageTracker:
+    """The phase of one storage job: ``set_phase(expected=, new=)`` along
+    STORAGE_TRANSITIONS only (InvalidTransition otherwise), time per phase."""
+
+    def __init__(self, on_change=None) -> None:
+        self._phase = S.QUEUED
+        self._since = time.monotonic()
+        self.durations_ms: dict[str, float] = {}
+        self._on_change = on_change
+
+    @property
+    def phase(self) -> StoragePhase:
+        return self._phase
+
+    def set_phase(self, *, expected: StoragePhase | tuple[StoragePhase, ...], new: StoragePhase) -> None:
+        allowed = expected if isinstance(expected, tuple) else (expected,)
+        old = self._phase
+        if old not in allowed:
+            raise InvalidTransition(f"storage phase is {old.value}, expected {'|'.join(p.value for p in allowed)}")
+        if new not in STORAGE_TRANSITIONS[old]:
+            raise InvalidTransition(f"storage {old.value} -> {new.value} is not a legal transition")
+        now = time.monotonic()
+        elapsed_ms = (now - self._since) * 1000.0
+        self.durations_ms[old.value] = self.durations_ms.get(old.value, 0.0) + elapsed_ms
+        self._phase, self._since = new, now
+        if self._on_change is not None:
+            self._on_change(old, new, elapsed_ms)
+
+
+class StorageJob(Job):
+    """A storage move of one VM's disk images on this host (agent/migration/storage.py
+    fills the fields; ``live`` is called before each summary to refresh the
+    counters from the running copier)."""
+
+    kind = "storage"
+
+    def __init__(self, *, vm: str, source: str, destination: str, job_id: str | None = None) -> None:
+        super().__init__(vm=vm, source=source, destination=destination, direction="local", job_id=job_id)
+        self.tracker = StorageTracker()
+        self.live = None                       # () -> None: refresh the fields below from the copier
+        self.bytes_copied = 0                  # monotone
+        self.bytes_remaining = 0               # may rise (the guest dirties blocks)
+        self.rounds = 0
+        self.mode = ""                         # bulk | rounds | sync (the copier's current step)
+        self.write_wait: dict = {}             # guest disk write wait over the move
+        self.write_wait_mirroring: dict = {}   # ... while the copier ran (bulk, rounds, synchronous phase)
+        self.io_rate_before_wps = 0
+        self.io_rate_during_wps = 0
+        self.io_pause_ms = 0.0
+        self.held_windows = 0
+        self.held_ms_max = 0.0
+        self.verify_mismatches = 0
+        self.verify_ms = 0.0
+        self.disks: list[dict] = []            # per disk: name, from, to, method, bytes_copied, allocated_*
+        self.round_log: list[dict] = []
+        self.warnings: list[str] = []
+
+    def cancellable(self) -> bool:
+        return S.CANCELLING in STORAGE_TRANSITIONS[self.phase]
+
+    def progress(self) -> float:
+        if self.phase is S.COMPLETED:
+            self._progress = 100.0
+        elif self.bytes_copied:
+            todo = self.bytes_copied + self.bytes_remaining
+            self._progress = max(self._progress, min(99.9, 100.0 * self.bytes_copied / todo))
+        return round(self._progress, 1)
+
+    def _refresh(self) -> None:
+        if self.live is not None and not self.done.is_set():
+            self.live()
+
+    def summary(self) -> dict:
+        self._refresh()
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "vm": self.vm,
+            "direction": self.direction,
+            "source": self.source,
+            "destination": self.destination,
+            "state": self.phase.value,
+            "mode": self.mode,
+            "progress_pct": self.progress(),
+            "bytes_copied": self.bytes_copied,
+            "bytes_remaining": self.bytes_remaining,
+            "rounds": self.rounds,
+            "guest_write_wait_ms_p99": self.write_wait.get("p99_ms"),
+            "guest_write_wait_ms_max": self.write_wait.get("max_ms"),
+            "disks": [d["name"] for d in self.disks],
+            "priority": self.priority,
+            "error": self.error,
+            "queued_at": self.queued_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
+
+    def report(self) -> dict:
+        self._refresh()
+        total_ms = ((self.finished_at or time.time()) - (self.started_at or self.queued_at)) * 1000.0
+        status = self.phase.value if self.phase in STORAGE_FINAL else "running"
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "status": status,
+            "error": self.error,
+            "verified": self.verified,
+            "vm": self.vm,
+            "source": self.source,
+            "destination": self.destination,
+            "direction": self.direction,
+            "total_ms": round(total_ms, 1),
+            "io_pause_ms": round(self.io_pause_ms, 2),
+            "bytes_copied": self.bytes_copied,
+            "bytes_remaining": self.bytes_remaining,
+            "rounds": self.rounds,
+            "held_windows": self.held_windows,
+            "held_ms_max": round(self.held_ms_max, 2),
+            "verify_mismatches": self.verify_mismatches,
+            "verify_ms": round(self.verify_ms, 2),
+            "guest_write_wait": self.write_wait,
+            "guest_write_wait_mirroring": self.write_wait_mirroring,
+            "guest_io_rate_before_wps": self.io_rate_before_wps,
+            "guest_io_rate_during_wps": self.io_rate_during_wps,
+            "disks": self.disks,
+            "round_log": self.round_log,
+            "warnings": self.warnings,
+            "phases": {k: round(v, 1) for k, v in self.tracker.durations_ms.items()},
+            "queued_at": self.queued_at,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+        }
+
+
 class JobTable:
-    """This host's jobs; ``observers`` get ``job_started(job)`` and ``job_finished(job)``."""
+    """This host's jobs; ``observers`` get ``job_started(job)`` and ``job_finished(job)``
+    for live-migration jobs (the migration metrics; storage jobs are not migrations)."""
 
     def __init__(self) -> None:
         self._jobs: dict[str, Job] = {}
         self.observers: list = []
 
     def _finished(self, job: Job) -> None:
+        if job.kind != "live":
+            return
         for o in self.observers:
             o.job_finished(job)
 
     def add(self, job: Job) -> Job:
         self._jobs[job.id] = job
         job.on_finish = self._finished
-        for o in self.observers:
+        for o in self.observers if job.kind == "live" else ():
             o.job_started(job)
         finished = [j for j in self._jobs.values() if j.done.is_set()]
         for j in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:

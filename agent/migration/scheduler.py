@@ -93,6 +93,13 @@ class LiveSlots:
             fut.set_result(None)
 
 
+class StorageSlots(LiveSlots):
+    """This host's storage-move limit (``limits.max_storage_migrations``):
+    the same FIFO-within-priority queue as LiveSlots, counted apart from the
+    live slots. Local moves take one each; a shared-nothing migration will
+    take one here and one live slot, on both hosts."""
+
+
 class PairLimits:
     """Outbound migrations per destination, at most min(local, remote limit)."""
 
