@@ -1,6 +1,6 @@
 """``livemig bench``: real agents, real migrations, figures against the raw-TCP baseline.
 
-    livemig bench [--quick] [--json] [--out DIR] [--only SCEN,...] [--runs N]
+    livemig bench [--quick] [--json] [--out DIR] [--only SCEN,...] [--runs N] [--security tls|insecure]
 
 Every run of every scenario starts two fresh agents (``AgentProcess``) on
 127.0.0.1 with a shm prefix of its own, migrates A -> B, and cleans up in
@@ -16,6 +16,11 @@ Output: a table on stdout (or one JSON document with ``--json``), and
 Exit status: 0 when every run of every selected scenario completed its
 migration(s) and nothing leaked (a target MISS is a figure, not a failure),
 1 otherwise, 2 on a usage error.
+
+The agents speak mutual TLS (the default, as in production): each cluster
+gets a throwaway CA in its work dir (``AgentProcess``'s ``ThrowawayCA``,
+made with openssl). ``--security insecure`` runs them without TLS, for the
+TLS-vs-plain comparison in docs/SECURITY.md (run both in the same sitting).
 
 Adding a scenario = one entry in ``SCENARIOS`` (a function ``run(ctx) ->
 RunRecord``), plus optional targets in ``TARGETS``.
@@ -115,6 +120,7 @@ class BenchConfig:
     tcp_runs: int = 5
     tcp_bytes: int = GiB
     write_files: bool = True
+    security: str = "tls"              # tls | insecure: the agents' security.mode
 
     def size(self, nbytes: int) -> int:
         return max(16 * MiB, nbytes // self.divisor)
@@ -162,12 +168,14 @@ def _proc_mem(pid: int) -> dict:
 class Cluster:
     """Two fresh agents, A (source) and B (destination), with one shm prefix; leaves nothing behind."""
 
-    def __init__(self, prefix: str, log: Callable[[str], None]) -> None:
+    def __init__(self, prefix: str, log: Callable[[str], None], security: str = "tls") -> None:
         self.prefix = prefix
         self.log = log
         self.workdir = tempfile.mkdtemp(prefix="livemig-bench-")
-        self.a = AgentProcess("A", self.workdir, shm_prefix=prefix)
-        self.b = AgentProcess("B", self.workdir, shm_prefix=prefix)
+        # TLS: both get certificates from one throwaway CA made in the work dir (removed with it)
+        insecure = security == "insecure"
+        self.a = AgentProcess("A", self.workdir, shm_prefix=prefix, insecure=insecure)
+        self.b = AgentProcess("B", self.workdir, shm_prefix=prefix, insecure=insecure)
         self.leaks: list[str] = []
 
     def __enter__(self) -> "Cluster":
@@ -391,7 +399,7 @@ def _single(ctx: Ctx, *, memory: int, workload: str = "idle", prefill: str = "ra
         # drifts between minutes (3.4-5.2 GiB/s seen), so a ratio against a
         # baseline taken minutes earlier measures the drift as much as the agent.
         paired = rawtcp.measure(memory, runs=1, prefix=f"{ctx.prefix}-pair")["gibps"]["median"]
-    with Cluster(ctx.prefix, ctx.log) as cl:
+    with Cluster(ctx.prefix, ctx.log, ctx.cfg.security) as cl:
         try:
             report, m, info = migrate_once(cl, vm="vm1", memory=memory, workload=workload, prefill=prefill,
                                            downtime_ms=downtime_ms, max_bandwidth_mibps=max_bandwidth_mibps)
@@ -462,7 +470,7 @@ def scenario_scale(ctx: Ctx) -> RunRecord:
                 out[f"{role}_hwm_bytes"] = mem.get("VmHWM")
         return out
 
-    with Cluster(ctx.prefix, ctx.log) as cl:
+    with Cluster(ctx.prefix, ctx.log, ctx.cfg.security) as cl:
         try:
             for i, size in enumerate(sizes):
                 last = i == len(sizes) - 1
@@ -547,7 +555,7 @@ def scenario_drain(ctx: Ctx) -> RunRecord:
     slower. The order alternates between runs."""
     size = ctx.cfg.size(256 * MiB)
     rec = RunRecord()
-    with Cluster(ctx.prefix, ctx.log) as cl:
+    with Cluster(ctx.prefix, ctx.log, ctx.cfg.security) as cl:
         a, b = cl.a, cl.b
         try:
             for ag in (a, b):
@@ -1015,7 +1023,8 @@ def format_markdown(doc: dict) -> str:
     head, rows = _rows(doc)
     lines = [f"# livemig bench {doc['started_at']}", ""]
     lines += [f"- {x}" for x in _header(doc)[1:]]
-    lines += [f"- mode: {doc['mode']}, {doc['runs']} run(s) per scenario, took {doc['duration_s']:.0f} s", ""]
+    lines += [f"- mode: {doc['mode']}, {doc['runs']} run(s) per scenario, agents {doc.get('security', 'tls')}, "
+              f"took {doc['duration_s']:.0f} s", ""]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|")
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -1058,6 +1067,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, help="runs per scenario (default 3; 1 with --quick)")
     p.add_argument("--tcp-runs", type=int, help="raw-TCP baseline runs (default 5; 3 with --quick)")
     p.add_argument("--shm-prefix", default="", help="base of the /dev/shm names used (default livemig-bench-<random>)")
+    p.add_argument("--security", choices=("tls", "insecure"), default="tls",
+                   help="the agents' security.mode: tls (default, mutual TLS with a throwaway CA) or insecure "
+                        "(no TLS; to measure what TLS costs)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)   # tests: sizes / 16, 1 run
     return p
 
@@ -1077,7 +1089,7 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
         raise ValueError("--shm-prefix: up to 52 of A-Z a-z 0-9 _ -")
     divisor = TINY_DIVISOR if ns.tiny else 1
     return BenchConfig(runs=runs, quick=quick, divisor=divisor, only=only, out_dir=ns.out, as_json=ns.json,
-                       shm_base=base, tcp_runs=tcp_runs, tcp_bytes=GiB // divisor)
+                       shm_base=base, tcp_runs=tcp_runs, tcp_bytes=GiB // divisor, security=ns.security)
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
@@ -1088,7 +1100,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
     doc: dict[str, Any] = {
         "tool": "livemig bench", "format": 1, "started_at": started,
         "mode": "tiny" if cfg.divisor > 1 else "quick" if cfg.quick else "full", "runs": cfg.runs,
-        "scenarios_selected": names, "shm_prefix": cfg.shm_base, "machine": machine_facts(),
+        "scenarios_selected": names, "shm_prefix": cfg.shm_base, "security": cfg.security,
+        "machine": machine_facts(),
         "foreign_cpu": foreign_cpu(), "errors": [],
     }
     log(f"raw TCP baseline: {cfg.tcp_bytes / MiB:.0f} MiB x {cfg.tcp_runs} runs")

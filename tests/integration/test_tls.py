@@ -127,3 +127,11 @@ def test_tls_and_insecure_agents_do_not_talk(agents):
 def test_tls_context_is_tls13_only(cluster_ca):
     ctx = cluster_ca.client_context("A")
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_3 and ctx.verify_mode == ssl.CERT_REQUIRED
+
+
+@pytest.mark.timeout(240)
+def test_the_demo_runs_over_tls():
+    r = subprocess.run([sys.executable, "-m", "agent", "demo"], capture_output=True, text=True, timeout=230)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "A: mutual TLS 1.3, certificate 'A'" in r.stdout and "B: mutual TLS 1.3, certificate 'B'" in r.stdout
+    assert "demo: OK" in r.stdout

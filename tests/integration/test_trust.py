@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import ssl
 import threading
 from types import SimpleNamespace
@@ -276,3 +277,52 @@ def test_the_same_proxy_without_a_flip_is_transparent(agents):
         proxy.close()
     assert rep["status"] == "completed" and rep["verified"], rep
     b.call("vm.delete", name="vm1")
+
+
+def _socket_of(ag) -> os.stat_result:
+    return os.stat(ag.control)
+
+
+def test_control_socket_is_owner_only_by_default(agents):
+    a = agents("A")
+    st = _socket_of(a)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
+
+
+def test_control_group_is_given_the_socket(tmp_path):
+    """ControlServer with control.group: a real Unix socket chowned to the group, mode 0660."""
+    import asyncio
+    import grp
+
+    from agent.control.server import ControlClient, ControlServer
+
+    group = grp.getgrgid(os.getgroups()[-1] if os.getuid() else 1)   # root: any group, e.g. daemon
+    path = str(tmp_path / "c.sock")
+
+    async def run():
+        async def ping(args):
+            return "pong"
+        srv = ControlServer(path, 0o600, {"ping": ping}, group=group.gr_name)
+        await srv.start()
+        try:
+            st = os.stat(path)
+            loop = asyncio.get_running_loop()
+            answer = await loop.run_in_executor(None, lambda: ControlClient(path, timeout_s=5).call("ping"))
+            return stat.S_IMODE(st.st_mode), st.st_gid, answer
+        finally:
+            await srv.close()
+
+    mode, gid, answer = asyncio.run(asyncio.wait_for(run(), 20))
+    assert (mode, gid, answer) == (0o660, group.gr_gid, "pong")
+    assert not os.path.exists(path)
+
+
+@pytest.mark.xfail(strict=True, reason="agent/daemon/agent.py does not pass cfg.control.group to ControlServer yet "
+                                       "(one-line change requested from the lead); remove this mark with it")
+def test_agent_gives_its_control_socket_to_control_group(agents):
+    import grp
+
+    group = grp.getgrgid(os.getgroups()[-1] if os.getuid() else 1)
+    a = agents("A", "--set", f"control.group={group.gr_name}")
+    st = _socket_of(a)
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_gid == group.gr_gid
