@@ -62,7 +62,7 @@ def test_frozen_destination_during_stop_and_copy_is_bounded_by_the_switchover_de
             assert report["status"] == "failed", report
             assert re.search(r"switchover deadline", report["error"] or "", re.I), report["error"]
             # The pause is bounded by the deadline, and was ended by it (not by the 10 s io timeout).
-            assert SWITCHOVER_MS / 1000 * 0.8 <= pause_s <= SWITCHOVER_MS / 1000 + 1.0, pause_s
+            assert SWITCHOVER_MS / 1000 * 0.8 <= pause_s <= SWITCHOVER_MS / 1000 + 2.0, pause_s
             info = a.call("vm.show", name=VM)
             assert info["state"] == "running" and info["throttle_pct"] == 0, info
             assert_keeps_writing(a, VM, max(w0, info["writes"]))      # the guest on A writes again

@@ -92,7 +92,7 @@ def test_incremental_verify_does_not_see_unmarked_corruption_control(agents, shm
     create_vm(a, prefill="random", workload="idle")
     rc, report = migrate_cli(agents, a, b.addr, "--verify", "incremental")
     assert rc == 0 and report["status"] == "completed" and report["verified"] is True, report
-    settled([a, b], VM, shm_prefix, hosts="B")
+    eventually(lambda: settled([a, b], VM, shm_prefix, hosts="B"), 20, what="VM on B only")
     b.call("vm.delete", name=VM)
 
 
@@ -103,13 +103,16 @@ def test_verify_full_without_a_fault_completes_verified(agents, shm_prefix):
     rc, report = migrate_cli(agents, a, b.addr, "--verify", "full")
     assert rc == 0 and report["status"] == "completed" and report["verified"] is True, report
     assert report.get("verify_mode", "full") == "full", report
-    _, info = settled([a, b], VM, shm_prefix, min_writes=report["writes_at_pause"], hosts="B")
+    _, info = eventually(lambda: settled([a, b], VM, shm_prefix, min_writes=report["writes_at_pause"], hosts="B"),
+                         20, what="VM on B only")
     assert_keeps_writing(b, VM, info["writes"])
     b.call("vm.delete", name=VM)
 
 
 def test_byte_flipped_on_the_wire_is_caught_by_default_verify(agents, shm_prefix):
-    a, b = agents("A", *CONFIG), agents("B", *CONFIG)
+    # No TLS on this link: the proxy must see the frames (with TLS a flipped byte fails the record MAC
+    # and the connection, before verification could say anything).
+    a, b = agents("A", *CONFIG, insecure=True), agents("B", *CONFIG, insecure=True)
     create_vm(a, prefill="random")          # every page carries data: round 1 sends all 32 MiB
     host, port = b.addr.rsplit(":", 1)
     with RunMonitor(shm_prefix) as mon, \
@@ -126,7 +129,8 @@ def test_byte_flipped_on_the_wire_is_caught_by_default_verify(agents, shm_prefix
         rc, report = migrate_cli(agents, a, relay.addr)
         assert relay.payload_bytes >= 8 * 2**20 and relay.flipped == []
     assert rc == 0 and report["status"] == "completed" and report["verified"] is True, report
-    settled([a, b], VM, shm_prefix, min_writes=report["writes_at_pause"], hosts="B")
+    eventually(lambda: settled([a, b], VM, shm_prefix, min_writes=report["writes_at_pause"], hosts="B"), 20,
+               what="VM on B only")
     b.call("vm.delete", name=VM)
 
 
@@ -141,5 +145,5 @@ def test_migrate_wait_exits_zero_only_when_completed_and_verified(agents, shm_pr
     assert rc == 0, report
     rc, report = migrate_cli(agents, a, bad.addr)
     assert rc != 0 and report["status"] == "failed" and report["verified"] is False, (rc, report)
-    settled([a, b, bad], VM, shm_prefix, hosts="A")
+    eventually(lambda: settled([a, b, bad], VM, shm_prefix, hosts="A"), 20, what="VM back on A, C discarded")
     a.call("vm.delete", name=VM)

@@ -27,8 +27,6 @@ import struct
 import threading
 import time
 
-import psutil
-
 from agent.errors import AgentError
 
 SHM = "/dev/shm"
