@@ -9,9 +9,10 @@ the report at the end). Everything is checked before a job exists
 path. The VM is owned by the job from the queue on (no live migration,
 pause, delete or second move of it meanwhile).
 
-``cancel`` is registered over the job handlers' one: a storage job is
-cancelled here (any phase before ``pivoting``: the VM stays on its source
-files), any other job is handed to the original handler.
+``cancel`` is registered over the job handlers' one: a storage job (by
+its id, or the name of a VM whose storage move runs) is cancelled here (any
+phase before ``pivoting``: the VM stays on its source files), anything
+else is handed to the original handler.
 """
 from __future__ import annotations
 
@@ -103,7 +104,10 @@ class StorageOps:
         return job.summary()
 
     async def cancel(self, args: dict):
-        job = self.host.jobs.get(args.get("id")) if isinstance(args.get("id"), str) else None
+        ident = args.get("id")
+        job = self.host.jobs.get(ident) if isinstance(ident, str) else None
+        if job is None and isinstance(ident, str):         # a VM name: its running storage move
+            job = next((j for j in self.host.jobs.running() if isinstance(j, StorageJob) and j.vm == ident), None)
         if not isinstance(job, StorageJob):
             if self._other_cancel is None:
                 raise AgentError(f"no job {args.get('id')!r} on {self.host.name}")

@@ -36,13 +36,14 @@ The steps, in order (the order is the correctness argument):
    as memstore/dirtymap.py proves safe.
 4. **Synchronous phase** when the dirty set stops shrinking (two rounds
    without shrinking by 10 %, or MAX_ROUNDS): the copier alternates a
-   *held* window (the guest's disk IO paused, at most HOLD_S, copying the
-   dirty set: no new dirt can appear) with a *free* window (IO runs, the
-   copier goes on). The free window halves each time the dirty set did not
-   shrink over a cycle (down to MIN_FREE_S), so the share of time the guest
-   may dirty blocks falls until the copier outruns it: the copy converges
-   whatever the write rate, and no guest write waits longer than one held
-   window. Why not copy-on-write-through (QEMU write-blocking): the guest
+   *held* window (the guest's disk IO paused, copying the dirty set for at
+   most hold_s: no new dirt can appear) with a *free* window (IO runs, the
+   copier goes on). Each time the dirty set did not shrink over a cycle the
+   free window halves (down to MIN_FREE_S), then the held window doubles
+   (HOLD_S up to MAX_HOLD_S), so the share of time the guest may dirty
+   blocks falls until the copier outruns it: the copy converges whatever
+   the write rate (the dirty set is bounded by the guest's working set),
+   and no guest write waits longer than one held window. Why not copy-on-write-through (QEMU write-blocking): the guest
    would have to wait for our acknowledgement inside its pwrite path, a
    second channel in memstore; pausing the existing, acknowledged disk-IO
    channel gets the same bound (the guest cannot dirty faster than we copy)
@@ -96,7 +97,8 @@ ZERO_BLOCK_DIGEST = xxhash.xxh3_128_digest(bytes(BLOCK_SIZE))
 SHRINK_FACTOR = 0.9                # a round "shrinks" if it leaves < 90 % of the previous dirty set
 STALL_ROUNDS = 2                   # rounds without shrinking before the synchronous phase
 MAX_ROUNDS = 30                    # dirty rounds before the synchronous phase at the latest
-HOLD_S = 0.02                      # longest held window (guest disk IO paused) of the synchronous phase
+HOLD_S = 0.02                      # first held window (guest disk IO paused) of the synchronous phase
+MAX_HOLD_S = 0.2                   # longest held window: no guest write waits longer (plus the ack)
 MIN_FREE_S = 0.001                 # shortest free window between two held ones
 SWITCH_BUDGET_S = 0.01             # the final round's copy (and read-back) should fit this
 MIN_SWITCH_BLOCKS = 16
@@ -605,10 +607,12 @@ class MirrorSet:
         self._synchronous()
 
     def _synchronous(self) -> None:
-        """Held windows (IO paused, <= HOLD_S of copying) alternating with free
-        windows that shrink while the dirty set does not (module doc, step 4)."""
+        """Held windows (IO paused, copying for at most hold_s) alternating with
+        free windows: while the dirty set does not shrink over a cycle, the
+        free window halves down to MIN_FREE_S, then the held window doubles up
+        to MAX_HOLD_S (module doc, step 4)."""
         self.mode = "sync"
-        free_s = HOLD_S
+        free_s, hold_s = HOLD_S, HOLD_S
         last: int | None = None
         while True:
             self._check()
@@ -616,7 +620,7 @@ class MirrorSet:
             self.pause_io()
             try:
                 self.collect()
-                blocks, nbytes = self.copy_pending(deadline=time.monotonic() + HOLD_S)
+                blocks, nbytes = self.copy_pending(deadline=time.monotonic() + hold_s)
             finally:
                 self.resume_io()
             held_ms = (time.monotonic() - t0) * 1000.0
@@ -629,7 +633,10 @@ class MirrorSet:
             if pend <= self.switch_blocks():
                 return
             if last is not None and pend >= last:
-                free_s = max(MIN_FREE_S, free_s / 2)
+                if free_s > MIN_FREE_S:
+                    free_s = max(MIN_FREE_S, free_s / 2)
+                else:
+                    hold_s = min(MAX_HOLD_S, hold_s * 2)
             last = pend
             self.copy_pending(deadline=time.monotonic() + free_s)
 
