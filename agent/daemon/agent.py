@@ -50,7 +50,7 @@ from agent.migration.storage import recover_moves
 from agent.net.endpoint import MigrationEndpoint
 from agent.observe import sdnotify
 from agent.observe.logs import get_logger
-from agent.observe.metrics import AgentMetrics, MetricsServer, host_gauges
+from agent.observe.metrics import AgentMetrics, MetricsServer, failure_reason, host_gauges
 
 log = get_logger("livemig.agent")
 
@@ -70,7 +70,8 @@ class _JobMetrics:
 
     def job_finished(self, job: Job) -> None:
         r = job.report()
-        self.metrics.migration_finished(job.direction, r["status"], r)
+        self.metrics.migration_finished(job.direction, r["status"], r,
+                                        reason=failure_reason(job.error, job.verify_failed))
 
 
 class GuestSupervisor:
@@ -173,6 +174,7 @@ class Agent:
         self.metrics = AgentMetrics(gauges=lambda: host_gauges(self.host))
         self.host.jobs.observers.append(_JobMetrics(self.metrics))
         self.host.jobs.observers.append(JobHistory(a.data_dir))    # history.jsonl: jobs, vm show
+        metrics_listen = metrics_listen or cfg.metrics.listen      # --metrics wins over [metrics] listen
         self.metrics_server = MetricsServer(self.metrics, *parse_hostport(metrics_listen)) if metrics_listen else None
         self.metrics_addr: str | None = None
         handlers: dict = {}

@@ -145,6 +145,15 @@ class ControlSection:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSection:
+    listen: str = ""                     # Prometheus endpoint HOST:PORT (GET /metrics); "" = off. --metrics overrides
+
+    def __post_init__(self) -> None:
+        if self.listen:
+            parse_hostport(self.listen)
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     migration: MigrationSection = field(default_factory=MigrationSection)
@@ -152,6 +161,7 @@ class AgentConfig:
     log: LogSection = field(default_factory=LogSection)
     security: SecuritySection = field(default_factory=SecuritySection)
     control: ControlSection = field(default_factory=ControlSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -171,7 +181,7 @@ class AgentConfig:
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(AgentConfig)}
 _SECTION_TYPES = {"agent": AgentSection, "migration": MigrationSection, "limits": LimitsSection, "log": LogSection,
-                  "security": SecuritySection, "control": ControlSection}
+                  "security": SecuritySection, "control": ControlSection, "metrics": MetricsSection}
 
 
 def _coerce(section: str, key: str, value: Any, typ: type) -> Any:

@@ -3,22 +3,43 @@
 No dependencies beyond the standard library and asyncio. ``AgentMetrics``
 owns the livemig metric families; the agent calls
 ``migration_started(direction)`` when a job starts and
-``migration_finished(direction, status, report)`` when it ends (``report`` is
-``Job.report()``). Gauges are evaluated at scrape time from a callback
+``migration_finished(direction, status, report, reason)`` when it ends
+(``report`` is ``Job.report()``, ``reason`` one of ``FAILURE_REASONS``).
+Gauges are evaluated at scrape time from a callback
 (``gauges=lambda: host_gauges(host)``) so a scrape always shows the truth,
 not the last push; ``set_gauges`` exists for callers without a callback.
+
+Families (units in the name, ``_total`` for counters):
+
+- ``livemig_build_info{version,python} 1``;
+- counters by ``direction``: ``livemig_migrations_{started,completed,cancelled}_total``,
+  ``livemig_migrations_failed_total{direction,reason}``,
+  ``livemig_migration_transferred_{bytes,pages}_total`` (sent outbound,
+  received inbound; the deprecated ``livemig_{bytes,pages}_sent_total`` say the same);
+- histograms ``livemig_downtime_seconds``, ``livemig_migration_duration_seconds``;
+- host gauges: ``livemig_queue_depth``, ``livemig_migrations_running``,
+  ``livemig_vms``, ``livemig_maintenance``, ``livemig_limit_*``,
+  ``livemig_live_migrations_in_use``;
+- in-flight gauges per running migration, labels ``vm``, ``job``,
+  ``direction`` (cf. KubeVirt's ``kubevirt_vmi_migration_*``): data
+  remaining/processed/total bytes, dirty and transfer rates (bytes/s),
+  expected downtime (s), guest throttle (ratio), round. They exist while
+  the job runs and are gone from the first scrape after it ends.
 
 ``MetricsServer(registry, host, port)`` serves ``GET /metrics`` (and HEAD)
 with ``asyncio.start_server``: one request per connection, a bounded
 request head, a read timeout, a bounded number of clients; 404 for other
-paths, 405 for other methods, 400 (and close) for garbage.
+paths, 405 for other methods, 400 (and close) for garbage. The agent
+starts it on ``[metrics] listen`` (or ``--metrics``, which wins).
 """
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import math
+import platform
 import re
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST_HEAD_BYTES = 8192
@@ -137,6 +158,13 @@ class Gauge(_Metric):
     def dec(self, amount: float = 1, **labels: str) -> None:
         self.inc(-amount, **labels)
 
+    def replace(self, values: Mapping[tuple[str, ...], float]) -> None:
+        """Every labelled series at once: series not in ``values`` disappear (scrape-time families)."""
+        for k in values:
+            if len(k) != len(self.labelnames):
+                raise ValueError(f"{self.name}: label values {k} do not match {self.labelnames}")
+        self._values = {tuple(map(str, k)): v for k, v in values.items()}
+
     def get(self, **labels: str) -> float:
         return self._values.get(self._key(labels), 0)
 
@@ -234,38 +262,179 @@ class Registry:
 
 
 # ---- livemig metrics -----------------------------------------------------------
-GaugeSource = Callable[[], Mapping[str, float]]
+GaugeSource = Callable[[], Mapping[str, Any]]
+PAGE_BYTES = 4096
+
+# Why a migration failed: a small closed set (a label must not carry free
+# text). First match wins; ``failure_reason`` documents each class.
+FAILURE_REASONS = ("verify", "deadline", "timeout", "peer", "refused", "guest", "cancelled", "other")
+_REASON_PATTERNS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("deadline", ("switchover deadline", "deadline")),
+    ("peer", ("cannot connect", "connection to", "handshake")),     # before verify: CERTIFICATE_VERIFY_FAILED
+    ("verify", ("chunk(s) differ", "digests", "verif")),
+    ("cancelled", ("cancel",)),
+    ("guest", ("guest",)),
+    ("timeout", ("no message from", "stopped reading", "timed out", "timeout")),
+    ("refused", ("refused:", "admission", "no memory", "maintenance", "busy")),
+    ("peer", ("peer", "lost", "closed", "reset", "tls", "protocol", "unexpected", "malformed")),
+)
 
 
-def host_gauges(host) -> dict[str, int]:
-    """Scrape-time gauges from an ``agent.daemon.host.Host`` (duck-typed: ``jobs``, ``registry``).
+def failure_reason(error: str | None, verify_failed: bool = False) -> str:
+    """The class of a failed job's error, one of FAILURE_REASONS.
+
+    ``verify``: the destination's memory did not match (digests differ);
+    ``deadline``: the switchover deadline passed while the guest was paused;
+    ``cancelled``: cancelled (e.g. the agent shut down) and counted as a failure;
+    ``guest``: the guest process died during the migration;
+    ``peer``: the peer could not be reached, lost the connection, aborted or broke the protocol;
+    ``timeout``: the peer went silent or stopped reading past the I/O timeout;
+    ``refused``: the destination's admission said no (memory, busy, maintenance);
+    ``other``: anything else (internal errors included).
+    """
+    if verify_failed:
+        return "verify"
+    text = (error or "").lower()
+    for reason, needles in _REASON_PATTERNS:
+        if any(n in text for n in needles):
+            return reason
+    return "other"
+
+
+def build_version() -> str:
+    """The installed distribution's version (importlib.metadata), or "unknown" from a bare checkout."""
+    try:
+        return importlib.metadata.version("livemig")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def job_gauges(job) -> dict[str, Any]:
+    """The in-flight figures of one running job (``agent.migration.jobs.Job``, duck-typed)."""
+    s = job.stats
+    phase = getattr(job.phase, "value", job.phase)
+    remaining = s.remaining_bytes
+    if s.rounds == 0 and phase == "precopy":
+        # Round 1 under way: the drivers set remaining_bytes at a round's end;
+        # until then it is what round 1 has not covered yet (as the destination counts it).
+        remaining = max(remaining, (s.pages_total - s.pages_sent - s.zero_pages) * PAGE_BYTES, 0)
+    return {
+        "vm": str(job.vm), "job": str(job.id), "direction": str(job.direction),
+        "remaining_bytes": remaining,
+        "processed_bytes": s.bytes_sent,
+        "total_bytes": s.ram_bytes,
+        "dirty_rate_bytes_per_second": s.dirty_rate_pps * PAGE_BYTES,
+        "transfer_rate_bytes_per_second": s.bandwidth_bps,
+        "expected_downtime_seconds": s.expected_downtime_ms / 1000.0,
+        "throttle_ratio": s.throttle_pct / 100.0,
+        "round": s.rounds + 1 if phase in ("precopy", "stop-and-copy") else s.rounds,
+    }
+
+
+def host_gauges(host) -> dict[str, Any]:
+    """Scrape-time gauges from an ``agent.daemon.host.Host`` (duck-typed).
 
     ``queue_depth``: outbound jobs waiting for a live-migration slot;
-    ``running``: jobs (both directions) past the queue and not finished;
-    ``vms``: VMs this agent holds (running, paused or arriving).
+    ``running``: live-migration jobs (both directions) past the queue and not finished;
+    ``vms``: VMs this agent holds (running, paused or arriving);
+    ``migrations``: ``job_gauges`` of every running job past the queue;
+    ``maintenance``: 1 while the host refuses inbound migrations;
+    ``limits``: the limits in force now (``config set`` changes some at run time).
     """
-    running = host.jobs.running()
-    queued = sum(1 for j in running if getattr(j.phase, "value", j.phase) == "queued")
-    return {"queue_depth": queued, "running": len(running) - queued, "vms": len(host.registry)}
+    # live migrations only: storage moves (kind "storage") are not migrations and have their own figures
+    running = [j for j in host.jobs.running() if getattr(j, "kind", "live") == "live"]
+    queued = [j for j in running if getattr(j.phase, "value", j.phase) == "queued"]
+    moving = [j for j in running if getattr(j.phase, "value", j.phase) != "queued"]
+    out: dict[str, Any] = {"queue_depth": len(queued), "running": len(moving), "vms": len(host.registry),
+                           "migrations": [job_gauges(j) for j in moving]}
+    if hasattr(host, "maintenance"):
+        out["maintenance"] = int(bool(host.maintenance))
+    slots = getattr(host, "slots", None)
+    cfg = getattr(host, "cfg", None)
+    if slots is not None and cfg is not None:
+        lim = cfg.limits
+        bw = getattr(host, "bandwidth", None)
+        out["limits"] = {
+            "live_migrations": slots.limit,
+            "live_migrations_in_use": slots.in_use,
+            "storage_migrations": getattr(host, "storage_limit", lim.max_storage_migrations),
+            "connections": lim.max_connections,
+            "guest_memory_bytes": lim.max_guest_memory_mib * 2**20,
+            "host_bandwidth_bytes_per_second": bw.rate_bps if bw is not None else 0,
+        }
+    return out
+
+
+# in-flight gauge -> (job_gauges key, help); labels vm, job, direction
+MIGRATION_GAUGES = (
+    ("livemig_migration_data_remaining_bytes", "remaining_bytes",
+     "Running migration: bytes still to send (the pending dirty memory, and the unsent part of round 1)."),
+    ("livemig_migration_data_processed_bytes", "processed_bytes",
+     "Running migration: guest page payload bytes moved so far, all rounds (sent outbound, received inbound)."),
+    ("livemig_migration_data_total_bytes", "total_bytes", "Running migration: the guest's RAM size."),
+    ("livemig_migration_dirty_memory_rate_bytes_per_second", "dirty_rate_bytes_per_second",
+     "Running migration: rate at which the guest dirties memory (source side; 0 inbound)."),
+    ("livemig_migration_memory_transfer_rate_bytes_per_second", "transfer_rate_bytes_per_second",
+     "Running migration: page payload transfer rate (source side; 0 inbound)."),
+    ("livemig_migration_expected_downtime_seconds", "expected_downtime_seconds",
+     "Running migration: the pause the remaining bytes would take at the current rate (source side)."),
+    ("livemig_migration_guest_throttle_ratio", "throttle_ratio",
+     "Running migration: guest CPU throttle set by auto-converge, 0..1 (source side)."),
+    ("livemig_migration_round", "round", "Running migration: the pre-copy round under way (or completed)."),
+)
+MIGRATION_LABELS = ("vm", "job", "direction")
+# limit gauge -> (host_gauges["limits"] key, help)
+LIMIT_GAUGES = (
+    ("livemig_limit_live_migrations", "live_migrations",
+     "Live migrations (both directions) this host runs at once (limits.max_live_migrations, config set)."),
+    ("livemig_live_migrations_in_use", "live_migrations_in_use", "Live-migration slots in use now."),
+    ("livemig_limit_storage_migrations", "storage_migrations", "Storage migrations this host runs at once."),
+    ("livemig_limit_connections", "connections", "Concurrent migration-endpoint connections (limits.max_connections)."),
+    ("livemig_limit_guest_memory_bytes", "guest_memory_bytes",
+     "Guest RAM this host may hold in all (limits.max_guest_memory_mib); 0 = what is free."),
+    ("livemig_limit_host_bandwidth_bytes_per_second", "host_bandwidth_bytes_per_second",
+     "Cap on all outbound migrations of this host together (limits.host_max_bandwidth_mibps); 0 = unlimited."),
+)
 
 
 class AgentMetrics:
-    """The livemig metric families and the hooks the agent calls."""
+    """The livemig metric families and the hooks the agent calls.
 
-    def __init__(self, gauges: GaugeSource | None = None, registry: Registry | None = None) -> None:
+    Renamed (the old names stay, deprecated, until their last readers move):
+    ``livemig_bytes_sent_total`` -> ``livemig_migration_transferred_bytes_total``,
+    ``livemig_pages_sent_total`` -> ``livemig_migration_transferred_pages_total``
+    (inbound migrations *receive* those bytes; "sent" was wrong for them).
+    """
+
+    def __init__(self, gauges: GaugeSource | None = None, registry: Registry | None = None,
+                 version: str | None = None) -> None:
         self.registry = r = registry or Registry()
         dirs = [{"direction": d} for d in DIRECTIONS]
+        self.build_info = r.gauge("livemig_build_info", "The running livemig: its version (value always 1).",
+                                  ("version", "python"))
+        self.build_info.set(1, version=version or build_version(), python=platform.python_version())
         self.started = r.counter("livemig_migrations_started_total", "Migrations started.", ("direction",), initial=dirs)
         self.completed = r.counter("livemig_migrations_completed_total", "Migrations completed (committed).",
                                    ("direction",), initial=dirs)
-        self.failed = r.counter("livemig_migrations_failed_total", "Migrations that failed and rolled back.",
-                                ("direction",), initial=dirs)
+        self.failed = r.counter("livemig_migrations_failed_total",
+                                "Migrations that failed and rolled back, by reason (" + ", ".join(FAILURE_REASONS)
+                                + ").", ("direction", "reason"),
+                                initial=[{"direction": d, "reason": x} for d in DIRECTIONS for x in FAILURE_REASONS])
         self.cancelled = r.counter("livemig_migrations_cancelled_total", "Migrations cancelled.",
                                    ("direction",), initial=dirs)
+        self.bytes_transferred = r.counter(
+            "livemig_migration_transferred_bytes_total",
+            "Guest page payload bytes moved by finished migrations (sent by outbound, received by inbound ones), "
+            "headers excluded.", ("direction",), initial=dirs)
+        self.pages_transferred = r.counter(
+            "livemig_migration_transferred_pages_total",
+            "Guest pages moved by finished migrations, all rounds (sent outbound, received inbound).",
+            ("direction",), initial=dirs)
         self.bytes_sent = r.counter("livemig_bytes_sent_total",
-                                    "Guest page payload bytes moved (sent outbound, received inbound), headers excluded.",
+                                    "Deprecated: same as livemig_migration_transferred_bytes_total.",
                                     ("direction",), initial=dirs)
-        self.pages_sent = r.counter("livemig_pages_sent_total", "Guest pages moved, all rounds.",
+        self.pages_sent = r.counter("livemig_pages_sent_total",
+                                    "Deprecated: same as livemig_migration_transferred_pages_total.",
                                     ("direction",), initial=dirs)
         self.downtime = r.histogram("livemig_downtime_seconds",
                                     "Guest pause of completed migrations: pause request to Resumed.",
@@ -276,6 +445,9 @@ class AgentMetrics:
         self.queue_depth = r.gauge("livemig_queue_depth", "Outbound migrations waiting for a live-migration slot.")
         self.running = r.gauge("livemig_migrations_running", "Migrations in progress (both directions).")
         self.vms = r.gauge("livemig_vms", "VMs held by this agent.")
+        self.maintenance = r.gauge("livemig_maintenance", "1 while the host is in maintenance (refuses inbound).")
+        self.limits = {key: r.gauge(name, help) for name, key, help in LIMIT_GAUGES}
+        self.migration = {key: r.gauge(name, help, MIGRATION_LABELS) for name, key, help in MIGRATION_GAUGES}
         self._gauges = gauges
         r.on_collect(self._collect)
 
@@ -283,12 +455,14 @@ class AgentMetrics:
     def migration_started(self, direction: str) -> None:
         self.started.inc(direction=direction)
 
-    def migration_finished(self, direction: str, status: str, report: Mapping) -> None:
+    def migration_finished(self, direction: str, status: str, report: Mapping, reason: str | None = None) -> None:
         """Count one finished migration from its ``Job.report()``.
 
         ``status`` is ``completed``, ``failed`` or ``cancelled`` (anything else
-        counts as failed). Bytes and pages count for every outcome (they
-        crossed the wire); downtime is observed for completed migrations only.
+        counts as failed). A failure is counted under ``reason`` (one of
+        FAILURE_REASONS), or the class of ``report["error"]`` when not given.
+        Bytes and pages count for every outcome (they crossed the wire);
+        downtime is observed for completed migrations only.
         """
         if status == "completed":
             self.completed.inc(direction=direction)
@@ -298,22 +472,41 @@ class AgentMetrics:
         elif status == "cancelled":
             self.cancelled.inc(direction=direction)
         else:
-            self.failed.inc(direction=direction)
-        self.bytes_sent.inc(max(0, int(report.get("bytes_sent") or 0)), direction=direction)
-        self.pages_sent.inc(max(0, int(report.get("pages_sent") or 0)), direction=direction)
+            reason = reason if reason in FAILURE_REASONS else failure_reason(report.get("error"))
+            self.failed.inc(direction=direction, reason=reason)
+        nbytes = max(0, int(report.get("bytes_sent") or 0))
+        npages = max(0, int(report.get("pages_sent") or 0))
+        for c, n in ((self.bytes_transferred, nbytes), (self.bytes_sent, nbytes),
+                     (self.pages_transferred, npages), (self.pages_sent, npages)):
+            c.inc(n, direction=direction)
         total_ms = report.get("total_ms")
         if total_ms is not None:
             self.duration.observe(max(0.0, float(total_ms)) / 1000.0, direction=direction)
 
-    def set_gauges(self, queue_depth: int, running: int, vms: int) -> None:
+    def set_gauges(self, queue_depth: int, running: int, vms: int, *, maintenance: int | None = None,
+                   limits: Mapping[str, float] | None = None,
+                   migrations: Iterable[Mapping[str, Any]] | None = None) -> None:
+        """Host gauges; ``migrations`` (``job_gauges`` dicts) replaces every in-flight series,
+        so a job that ended is gone from the next scrape."""
         self.queue_depth.set(queue_depth)
         self.running.set(running)
         self.vms.set(vms)
+        if maintenance is not None:
+            self.maintenance.set(int(maintenance))
+        for key, value in (limits or {}).items():
+            if key in self.limits:
+                self.limits[key].set(value)
+        if migrations is not None:
+            migrations = list(migrations)
+            for key, gauge in self.migration.items():
+                gauge.replace({tuple(str(m[ln]) for ln in MIGRATION_LABELS): m[key] for m in migrations})
 
     def _collect(self) -> None:
         if self._gauges is not None:
             g = self._gauges()
-            self.set_gauges(g.get("queue_depth", 0), g.get("running", 0), g.get("vms", 0))
+            self.set_gauges(g.get("queue_depth", 0), g.get("running", 0), g.get("vms", 0),
+                            maintenance=g.get("maintenance"), limits=g.get("limits"),
+                            migrations=g.get("migrations", ()))
 
     def render(self) -> str:
         return self.registry.render()

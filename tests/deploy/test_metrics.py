@@ -8,8 +8,9 @@ import re
 import pytest
 import pytest_asyncio
 
-from agent.observe.metrics import (AgentMetrics, Counter, Gauge, Histogram, MetricsServer, Registry, format_value,
-                           host_gauges)
+from agent.observe.metrics import (FAILURE_REASONS, MIGRATION_GAUGES, AgentMetrics, Counter, Gauge, Histogram,
+                                   MetricsServer, Registry, build_version, failure_reason, format_value, host_gauges,
+                                   job_gauges)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -131,10 +132,16 @@ def test_agent_metrics_families_and_hooks():
     m = AgentMetrics(gauges=lambda: gauges)
     fams = parse_exposition(m.render())
     for fam in ("livemig_migrations_started_total", "livemig_migrations_completed_total",
-                "livemig_migrations_failed_total", "livemig_migrations_cancelled_total",
-                "livemig_bytes_sent_total", "livemig_pages_sent_total"):
+                "livemig_migrations_cancelled_total", "livemig_migration_transferred_bytes_total",
+                "livemig_migration_transferred_pages_total", "livemig_bytes_sent_total", "livemig_pages_sent_total"):
         assert fams[fam]["type"] == "counter"
         assert value(fams, fam, direction="outbound") == 0 and value(fams, fam, direction="inbound") == 0
+    failed = fams["livemig_migrations_failed_total"]
+    assert failed["type"] == "counter"
+    assert {(lb["direction"], lb["reason"]) for _, lb, _ in failed["samples"]} == {
+        (d, r) for d in ("outbound", "inbound") for r in FAILURE_REASONS}       # every series starts at 0
+    assert all(v == 0 for _, _, v in failed["samples"])
+    assert [lb for _, lb, v in fams["livemig_build_info"]["samples"] if v == 1][0]["version"] == build_version()
     for fam in ("livemig_downtime_seconds", "livemig_migration_duration_seconds"):
         assert fams[fam]["type"] == "histogram"
     for fam in ("livemig_queue_depth", "livemig_migrations_running", "livemig_vms"):
@@ -147,17 +154,24 @@ def test_agent_metrics_families_and_hooks():
     m.migration_started("inbound")
     m.migration_finished("outbound", "completed", REPORT)
     m.migration_finished("outbound", "failed", {"status": "failed", "bytes_sent": 4096, "pages_sent": 1,
-                                                "downtime_ms": 0.0, "total_ms": 80.0})
+                                                "downtime_ms": 0.0, "total_ms": 80.0}, reason="verify")
+    m.migration_finished("inbound", "failed", {"status": "failed", "error": "precopy: connection to 10.0.0.1:7700 "
+                                               "lost (EOF)", "bytes_sent": 8192, "pages_sent": 2})
     m.migration_finished("inbound", "cancelled", {"bytes_sent": 0, "pages_sent": 0, "total_ms": 5.0})
     gauges.update(queue_depth=0, running=0, vms=7)          # scrape-time truth
     fams = parse_exposition(m.render())
     assert value(fams, "livemig_migrations_started_total", direction="outbound") == 2
     assert value(fams, "livemig_migrations_started_total", direction="inbound") == 1
     assert value(fams, "livemig_migrations_completed_total", direction="outbound") == 1
-    assert value(fams, "livemig_migrations_failed_total", direction="outbound") == 1
+    assert value(fams, "livemig_migrations_failed_total", direction="outbound", reason="verify") == 1
+    assert value(fams, "livemig_migrations_failed_total", direction="inbound", reason="peer") == 1   # from its error
+    assert sum(v for _, _, v in fams["livemig_migrations_failed_total"]["samples"]) == 2
     assert value(fams, "livemig_migrations_cancelled_total", direction="inbound") == 1
-    assert value(fams, "livemig_bytes_sent_total", direction="outbound") == 134217728 + 4096
-    assert value(fams, "livemig_pages_sent_total", direction="outbound") == 32769
+    for fam in ("livemig_migration_transferred_bytes_total", "livemig_bytes_sent_total"):
+        assert value(fams, fam, direction="outbound") == 134217728 + 4096
+        assert value(fams, fam, direction="inbound") == 8192                 # received, counted as transferred
+    for fam in ("livemig_migration_transferred_pages_total", "livemig_pages_sent_total"):
+        assert value(fams, fam, direction="outbound") == 32769
     # downtime: completed migrations only; duration: every finished one
     assert value(fams, "livemig_downtime_seconds", "livemig_downtime_seconds_count", direction="outbound") == 1
     assert value(fams, "livemig_downtime_seconds", "livemig_downtime_seconds_sum", direction="outbound") == pytest.approx(0.0372)
@@ -166,7 +180,7 @@ def test_agent_metrics_families_and_hooks():
     assert value(fams, "livemig_migration_duration_seconds", "livemig_migration_duration_seconds_count",
                  direction="outbound") == 2
     assert value(fams, "livemig_migration_duration_seconds", "livemig_migration_duration_seconds_count",
-                 direction="inbound") == 1
+                 direction="inbound") == 1          # the inbound failure had no total_ms: not observed
     assert value(fams, "livemig_vms") == 7 and value(fams, "livemig_queue_depth") == 0
 
 
@@ -193,24 +207,145 @@ def test_set_gauges_without_callback():
             value(fams, "livemig_vms")) == (3, 1, 5)
 
 
-def test_host_gauges_from_a_host_shape():
-    class P:
-        def __init__(self, v):
-            self.value = v
+def _job(phase: str, job_id: str, direction: str = "outbound"):
+    """A real Job in ``phase`` with its stats filled in as the drivers fill them."""
+    from agent.migration.jobs import Job
+    from agent.migration.phases import MigrationPhase, PhaseTracker
 
-    class J:
-        def __init__(self, phase):
-            self.phase = P(phase)
+    job = Job(vm=f"vm-{job_id}", source="198.18.0.1:7700", destination="198.18.0.2:7700", direction=direction,
+              job_id=job_id)
+    job.tracker = PhaseTracker(MigrationPhase(phase))          # as if the driver had walked there
+    st = job.stats
+    st.ram_bytes, st.bytes_sent, st.remaining_bytes = 64 * 2**20, 40 * 2**20, 3 * 2**20
+    st.dirty_rate_pps, st.bandwidth_bps, st.expected_downtime_ms, st.throttle_pct, st.rounds = 250, 12e6, 262.1, 30, 2
+    return job
+
+
+def test_job_gauges_from_a_real_job():
+    g = job_gauges(_job("precopy", "j1"))
+    assert (g["vm"], g["job"], g["direction"]) == ("vm-j1", "j1", "outbound")
+    assert g["remaining_bytes"] == 3 * 2**20 and g["processed_bytes"] == 40 * 2**20 and g["total_bytes"] == 64 * 2**20
+    assert g["dirty_rate_bytes_per_second"] == 250 * 4096 and g["transfer_rate_bytes_per_second"] == 12e6
+    assert g["expected_downtime_seconds"] == pytest.approx(0.2621) and g["throttle_ratio"] == pytest.approx(0.3)
+    assert g["round"] == 3                                                  # the round under way
+    assert {key for _, key, _ in MIGRATION_GAUGES} <= set(g)
+    first = _job("precopy", "j2")                     # round 1 under way: the drivers set remaining at its end
+    first.stats.rounds, first.stats.remaining_bytes = 0, 0
+    first.stats.pages_total, first.stats.pages_sent, first.stats.zero_pages = 16384, 10000, 1000
+    assert job_gauges(first)["remaining_bytes"] == 5384 * 4096 and job_gauges(first)["round"] == 1
+
+
+def test_host_gauges_from_a_host_shape():
+    from agent.migration.jobs import StorageJob
 
     class Jobs:
+        def __init__(self, jobs):
+            self.jobs = jobs
+
         def running(self):
-            return [J("queued"), J("queued"), J("precopy"), J("negotiate")]
+            return self.jobs
 
     class Host:
-        jobs = Jobs()
+        jobs = Jobs([_job("queued", "q1"), _job("queued", "q2"), _job("precopy", "p1"),
+                     _job("negotiate", "n1", "inbound"), StorageJob(vm="vm1", source="h", destination="/x")])
         registry = ["vm1", "vm2", "vm3"]
 
-    assert host_gauges(Host()) == {"queue_depth": 2, "running": 2, "vms": 3}
+    g = host_gauges(Host())
+    assert (g["queue_depth"], g["running"], g["vms"]) == (2, 2, 3)
+    assert [m["job"] for m in g["migrations"]] == ["p1", "n1"]            # queued jobs have no figures yet,
+                                                                           # a storage move is no migration
+    assert "maintenance" not in g and "limits" not in g                    # this host shape has neither
+
+
+def test_in_flight_gauges_appear_and_disappear():
+    live = {"queue_depth": 0, "running": 1, "vms": 1, "migrations": [job_gauges(_job("precopy", "j1"))]}
+    m = AgentMetrics(gauges=lambda: live)
+    fams = parse_exposition(m.render())
+    for name, key, _ in MIGRATION_GAUGES:
+        assert fams[name]["type"] == "gauge"
+        assert [lb for _, lb, _ in fams[name]["samples"]] == [{"vm": "vm-j1", "job": "j1", "direction": "outbound"}]
+    assert value(fams, "livemig_migration_data_remaining_bytes", job="j1") == 3 * 2**20
+    assert value(fams, "livemig_migration_guest_throttle_ratio", job="j1") == pytest.approx(0.3)
+    live.update(running=0, migrations=[])                                  # the job ended
+    fams = parse_exposition(m.render())
+    for name, _, _ in MIGRATION_GAUGES:
+        assert name in fams and fams[name]["samples"] == [], name          # family announced, no series
+
+
+# Error texts as the drivers and the transport write them (agent/migration/*.py, agent/net/*.py).
+REASONS = [
+    ("verify: ram: 3 chunk(s) differ on the destination (first at page 1024); resumed on the source", "verify"),
+    ("10.0.0.1:7700 refused: ram: 3 chunk(s) differ on the destination (first at page 0)", "verify"),
+    ("verify: ram: the destination's digests do not cover the same data", "verify"),
+    ("stop-and-copy: switchover deadline of 1200 ms passed before the destination was verified; resumed on the "
+     "source", "deadline"),
+    ("cancelled", "cancelled"),
+    ("cancelled (agent shutting down)", "cancelled"),
+    ("precopy: guest of vm1 died during the migration: guest process 4242 exited with -9", "guest"),
+    ("standby guest of vm1 died: gone", "guest"),
+    ("precopy: no message from 10.0.0.1:7700 for 30 s", "timeout"),
+    ("precopy: peer 10.0.0.1:7700 stopped reading for 30 s", "timeout"),
+    ("precopy: connection to 10.0.0.1:7700 lost (EOF)", "peer"),
+    ("cannot connect to 10.0.0.1:7700: [Errno 111] Connection refused", "peer"),
+    ("TLS handshake with 10.0.0.1:7700 failed: CERTIFICATE_VERIFY_FAILED", "peer"),
+    ("unexpected RoundEnd", "peer"),
+    ("10.0.0.1:7700 refused: not enough memory for vm1 (NO_MEMORY)", "refused"),
+    ("10.0.0.1:7700 refused: host in maintenance", "refused"),
+    ("internal error: KeyError('x')", "other"),
+    (None, "other"),
+    ("", "other"),
+]
+
+
+@pytest.mark.parametrize("error,reason", REASONS)
+def test_failure_reason(error, reason):
+    assert failure_reason(error) == reason
+    assert reason in FAILURE_REASONS
+
+
+def test_failure_reason_prefers_the_verify_flag():
+    assert failure_reason("precopy: connection to x lost (EOF)", verify_failed=True) == "verify"
+    m = AgentMetrics()
+    m.migration_finished("outbound", "failed", {"error": "anything"}, reason="not-a-reason")   # not in the set
+    fams = parse_exposition(m.render())
+    assert value(fams, "livemig_migrations_failed_total", direction="outbound", reason="other") == 1
+
+
+def test_set_gauges_limits_and_maintenance():
+    m = AgentMetrics()
+    m.set_gauges(0, 0, 0, maintenance=1, limits={"live_migrations": 4, "host_bandwidth_bytes_per_second": 2**27})
+    fams = parse_exposition(m.render())
+    assert value(fams, "livemig_maintenance") == 1
+    assert value(fams, "livemig_limit_live_migrations") == 4
+    assert value(fams, "livemig_limit_host_bandwidth_bytes_per_second") == 2**27
+
+
+def test_gauge_replace():
+    g = Gauge("x_bytes", "x", ("a",))
+    g.set(1, a="old")
+    g.replace({("new",): 2})
+    assert g.samples() == ['x_bytes{a="new"} 2']
+    with pytest.raises(ValueError):
+        g.replace({("a", "b"): 1})
+
+
+def test_names_follow_prometheus_conventions():
+    fams = parse_exposition(AgentMetrics().render())
+    deprecated = {n for n, f in fams.items() if f["help"].startswith("Deprecated")}
+    assert deprecated == {"livemig_bytes_sent_total", "livemig_pages_sent_total"}   # kept for old readers only
+    for name, f in fams.items():
+        assert name.startswith("livemig_"), name
+        if name in deprecated:
+            continue
+        assert "_sent" not in name, name            # inbound migrations receive: "transferred"
+        if f["type"] == "counter":
+            assert name.endswith("_total"), name
+            name = name[: -len("_total")]
+        else:
+            assert not name.endswith("_total"), name
+        for unit in ("bytes", "seconds"):            # <name>_<unit>[_total], or a rate <name>_<unit>_per_second
+            if f"_{unit}_" in name and not name.endswith(f"_{unit}_per_second"):
+                raise AssertionError(f"{name}: the unit goes last")
 
 
 # ---- the HTTP endpoint -------------------------------------------------------------------
@@ -330,3 +465,18 @@ async def test_close_stops_serving():
     await srv.close()
     with pytest.raises(OSError):
         await asyncio.open_connection(*addr)
+
+
+def test_metrics_listen_in_the_config_file(tmp_path):
+    from agent.daemon.config import ConfigError, load_config
+
+    path = tmp_path / "agent.toml"
+    path.write_text('[security]\nmode = "insecure"\n\n[metrics]\nlisten = "127.0.0.1:9101"\n')
+    assert load_config(path).metrics.listen == "127.0.0.1:9101"
+    assert load_config(None, {"security.mode": "insecure"}).metrics.listen == ""          # off by default
+    path.write_text('[security]\nmode = "insecure"\n\n[metrics]\nlisten = "9101"\n')
+    with pytest.raises(ConfigError, match="HOST:PORT"):
+        load_config(path)
+    path.write_text('[security]\nmode = "insecure"\n\n[metrics]\nlisen = "127.0.0.1:9101"\n')
+    with pytest.raises(ConfigError, match="did you mean metrics.listen"):
+        load_config(path)

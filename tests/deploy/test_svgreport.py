@@ -1,4 +1,5 @@
-"""agent.svgreport: valid XML, the key numbers present, 0/1/30 rounds, failed migrations."""
+"""agent.svgreport: valid XML, the key numbers present, 0/1/30 rounds, failed migrations, the time
+axis, the log-scale rounds, the bandwidth cap and downtime target, the job id and date."""
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
@@ -7,7 +8,7 @@ import pytest
 
 from agent.migration.jobs import Job
 from agent.migration.phases import TRANSITIONS, MigrationPhase
-from agent.observe.svgreport import fmt_ms, nice_ticks, render_svg
+from agent.observe.svgreport import fmt_ms, log_ticks, nice_ticks, render_svg
 
 pytestmark = pytest.mark.timeout(30)
 NS = "{http://www.w3.org/2000/svg}"
@@ -98,7 +99,7 @@ def test_completed_report(n):
     assert f"{n} round" in t
     for phase in ("precopy", "stop-and-copy", "verify", "resume", "commit"):
         assert f"{phase} {fmt_ms(r['phases'][phase])}" in t         # legend: every phase with its duration
-    assert "pause (downtime" in t
+    assert f"pause: downtime {r['downtime_ms']} ms" in t              # the report's figure, as it stands
     # the pause box spans stop-and-copy .. resume, whatever sits between
     names = list(r["phases"])
     paused = names[names.index("stop-and-copy"): names.index("resume") + 1]
@@ -124,7 +125,7 @@ def test_failed_report_has_no_verify_or_resume():
     assert "failed \u00b7 not verified" in t
     assert "error: peer lost during precopy" in t
     assert "rolling-back 3.1 ms" in t
-    assert "pause (downtime" not in t                              # never paused
+    assert "pause: downtime" not in t                              # never paused
     assert len(round_bars(root)) == 8
 
 
@@ -158,3 +159,74 @@ def test_nice_ticks():
     for v in (1, 7, 123, 9999, 1.5e9):
         ticks = nice_ticks(v)
         assert ticks[0] == 0 and ticks[-1] >= v and len(ticks) <= 7
+
+
+def by_class(root: ET.Element, cls: str) -> list[ET.Element]:
+    return [e for e in root.iter() if e.get("class") == cls]
+
+
+def test_pause_label_is_the_reports_downtime():
+    for downtime in (37.2, 1234.5, 3.0, 0.4):
+        r = make_report(3, downtime_ms=downtime)
+        labels = by_class(parse(render_svg(r)), "pause-label")
+        assert [e.text for e in labels] == [f"pause: downtime {r['downtime_ms']:g} ms"], downtime
+
+
+def test_time_axis_job_id_and_date():
+    r = make_report(5)
+    r["started_at"] = 1717243200.0                                   # 2024-06-01 12:00:00 UTC
+    root = parse(render_svg(r))
+    assert len(by_class(root, "time-axis")) == 1
+    ticks = [e.text for e in by_class(root, "time-tick")]
+    assert ticks[0] == "0 ms" and len(ticks) >= 3
+    total = sum(r["phases"].values())
+    xs = [float(e.get("x")) for e in by_class(root, "time-tick")]
+    assert xs == sorted(xs) and xs[0] == 70 and xs[-1] <= 870           # within the bar, in order
+    job = by_class(root, "job")[0].text
+    assert "job abc123def456" in job and "2024-06-01 12:00:00 UTC" in job
+
+
+def test_rounds_on_a_log_scale_keep_late_rounds_visible():
+    r = make_report(30)
+    root = parse(render_svg(r))
+    assert "pages per round (log scale)" in texts(root)
+    assert [e.text for e in by_class(root, "log-tick")] == ["1", "10", "100", "1.0k", "10k", "100k"]
+    bars = {t.text: p for p in root.iter(NS + "rect") for t in p.iter(NS + "title")
+            if t.text and "pages sent" in t.text and p.get("fill") == "#4e79a7"}
+    first = float(bars[next(k for k in bars if k.startswith("round 1:"))].get("height"))
+    last = float(bars[next(k for k in bars if k.startswith("round 30:"))].get("height"))
+    # 32768 vs 400 pages: linear would make the last bar 1/80 of the first; log keeps it above half
+    assert last > first / 2 > 0
+
+
+def test_cap_and_target_drawn_when_the_report_has_them():
+    plain = parse(render_svg(make_report(4)))
+    for cls in ("bandwidth-cap", "cap-label", "downtime-target", "target-label", "threshold"):
+        assert by_class(plain, cls) == [], cls                        # not in the report: not drawn
+    r = make_report(4, max_bandwidth_mibps=16, downtime_target_ms=300)
+    root = parse(render_svg(r))
+    caps = by_class(root, "bandwidth-cap")
+    assert len(caps) == 4 and len({c.get("y1") for c in caps}) == 1   # one cap, every round
+    assert [e.text for e in by_class(root, "cap-label")] == ["cap 134.2 Mbit/s"]      # 16 MiB/s in bits
+    assert [e.text for e in by_class(root, "target-label")] == ["downtime target 300 ms"]
+    assert len(by_class(root, "downtime-target")) == 1
+    assert len(by_class(root, "threshold")) == 4                       # bandwidth x target, per round
+    # the cap sits at its value on the bandwidth axis: below the ~952 Mbit/s rounds
+    cap_y = float(caps[0].get("y1"))
+    points = [float(c.get("cy")) for c in root.iter(NS + "circle")]
+    assert all(cap_y > py for py in points)
+    # a tuned cap per round (job set) steps; a target exceeded says so
+    r["rounds"][2]["max_bandwidth_mibps"] = 64
+    r["downtime_ms"] = 450.0
+    root = parse(render_svg(r))
+    assert len({c.get("y1") for c in by_class(root, "bandwidth-cap")}) == 2
+    assert by_class(root, "target-label")[0].text == "downtime target 300 ms (exceeded)"
+    for junk in ({"max_bandwidth_mibps": "fast", "downtime_target_ms": -3}, {"max_bandwidth_mibps": 0}):
+        root = parse(render_svg(make_report(2, **junk)))
+        assert by_class(root, "bandwidth-cap") == [] and by_class(root, "downtime-target") == []
+
+
+def test_log_ticks():
+    assert log_ticks(0) == [1.0, 10.0] and log_ticks(1) == [1.0, 10.0]
+    assert log_ticks(32768) == [1.0, 10.0, 100.0, 1000.0, 10000.0, 100000.0]
+    assert log_ticks(1000) == [1.0, 10.0, 100.0, 1000.0]
