@@ -314,7 +314,8 @@ def cmd_config_get(ns) -> int:
     args = {"key": ns.key} if ns.key else {}
     r = _control(ns).call("config.get", **args)
     if ns.key:
-        emit(ns, r, f"{r['key']} = {human(r['key'], r['value'])}")
+        v = r["value"]                      # as it would be written in the config file
+        emit(ns, r, f"{r['key']} = {v if isinstance(v, str) else json.dumps(v)}")
         return EXIT_OK
     lines = ["run-time settings (livemig config set KEY VALUE):"]
     lines += [f"  {k:24} {v['value']:<6} {v['help']}" for k, v in r["settings"].items()]

@@ -13,15 +13,15 @@ import argparse
 from agent.cli.exits import EXIT_OK
 
 
-def command_words(parser: argparse.ArgumentParser, path: str = "") -> dict[str, list[str]]:
-    """{"vm": ["create", "list", ..., "--help", "--json"], ...}: what may follow each command path."""
+def command_words(parser: argparse.ArgumentParser, path: str = "livemig") -> dict[str, list[str]]:
+    """{"livemig vm": ["create", "list", ..., "--help", "--json"], ...}: what may follow each command path."""
     words: list[str] = []
     out: dict[str, list[str]] = {path: words}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, child in action.choices.items():
                 words.append(name)
-                out.update(command_words(child, f"{path} {name}".strip()))
+                out.update(command_words(child, f"{path} {name}"))
         else:
             words += [o for o in action.option_strings if o.startswith("--")]
     return out
@@ -34,9 +34,9 @@ declare -gA _livemig_words=(
 {table}
 )
 _livemig() {{
-    local cur=${{COMP_WORDS[COMP_CWORD]}} path="" next i
+    local cur=${{COMP_WORDS[COMP_CWORD]}} path=livemig next i
     for ((i = 1; i < COMP_CWORD; i++)); do
-        next="${{path:+$path }}${{COMP_WORDS[i]}}"
+        next="$path ${{COMP_WORDS[i]}}"
         [[ -n "${{_livemig_words[$next]+set}}" ]] && path=$next
     done
     COMPREPLY=($(compgen -W "${{_livemig_words[$path]}}" -- "$cur"))

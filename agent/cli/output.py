@@ -48,10 +48,6 @@ def format_vm(r: dict) -> str:
 
 
 def format_report(r: dict) -> str:
-    if r.get("kind") == "storage":
-        from agent.cli.storage import format_storage_report
-
-        return format_storage_report(r)
     """A migration's report: sizes in binary units, bandwidth in MiB/s, times as ISO 8601 and relative."""
     if r.get("kind") == "storage":
         from agent.cli.storage import format_storage_report
@@ -95,11 +91,18 @@ def bar(frac: float, width: int = 24) -> str:
 
 
 def job_fraction(j: dict) -> float:
+    """Done over done + left, from the figures shown beside it (sent, left); the pages
+    of the VM before the first estimate of what is left."""
     total = j.get("pages_total") or 0
     done = j.get("pages_sent", 0)
     if j.get("state") == "completed":
         return 1.0
-    return j.get("progress_pct", 0.0) / 100.0 if "progress_pct" in j else (min(done / total, 1.0) if total else 0.0)
+    if j.get("state") in FINAL_STATES or not done:
+        return j.get("progress_pct", 0.0) / 100.0 if done else 0.0
+    left = (j.get("remaining_bytes") or 0) // PAGE_BYTES
+    if left:
+        return min(done / (done + left), 0.999)
+    return min(done / total, 0.999) if total else 0.0
 
 
 def progress_figures(j: dict) -> str:
@@ -120,10 +123,6 @@ def progress_figures(j: dict) -> str:
 
 
 def format_progress(j: dict) -> str:
-    if j.get("kind") == "storage":
-        from agent.cli.storage import format_storage_progress
-
-        return format_storage_progress(j)
     if j.get("kind") == "storage":
         from agent.cli.storage import format_storage_progress
 

@@ -32,14 +32,14 @@ def snapshot(cl: Control) -> dict:
     active.sort(key=lambda j: (j.get("state") == "queued", -(j.get("priority") or 0), j.get("queued_at") or 0))
     finished = sorted((j for j in jobs if j.get("state") in FINAL_STATES),
                       key=lambda j: j.get("finished_at") or 0, reverse=True)
-    return {"at": time.time(), "active": active, "finished": finished[:FINISHED_SHOWN],
+    return {"refreshed_at": time.time(), "active": active, "finished": finished[:FINISHED_SHOWN],
             "finished_total": len(finished), "vms": vms}
 
 
 def render(snap: dict, agent: str, width: int) -> list[str]:
     active, vms = snap["active"], snap["vms"]
     running = sum(1 for j in active if j.get("state") != "queued")
-    lines = [f"livemig top  {agent}  {iso(snap['at'])}  {running} running, {len(active) - running} queued, "
+    lines = [f"livemig top  {agent}  {iso(snap['refreshed_at'])}  {running} running, {len(active) - running} queued, "
              f"{len(vms)} VMs   (q quits)", ""]
     lines.append("MIGRATIONS" if active else "MIGRATIONS  none under way")
     for j in active:
@@ -120,7 +120,8 @@ def cmd_top(ns) -> int:
                 except CliError as exc:
                     snap, error = None, exc.message
                 if ns.json:
-                    doc = {"agent": agent, **snap} if snap else {"agent": agent, "at": time.time(), "error": error}
+                    doc = {"agent": agent, **snap} if snap else \
+                        {"agent": agent, "refreshed_at": time.time(), "error": error}
                     print(json.dumps(with_iso(doc)), flush=True)
                 else:
                     width = shutil.get_terminal_size((120, 40)).columns
