@@ -100,6 +100,8 @@ class SourceMigration:
                 self.stream.set_max_bandwidth(self.max_bandwidth_bps)
         if downtime_ms is not None:
             self.downtime_target_ms = downtime_ms
+        self.job.stats.downtime_target_ms = self.downtime_target_ms
+        self.job.stats.max_bandwidth_mibps = self.max_bandwidth_bps // 2**20
         log.info("migration_tuned", max_bandwidth_mibps=self.max_bandwidth_bps // 2**20,
                  downtime_ms=self.downtime_target_ms)
         return {"max_bandwidth_mibps": self.max_bandwidth_bps // 2**20, "downtime_ms": self.downtime_target_ms}
@@ -182,6 +184,8 @@ class SourceMigration:
         job.stats.ram_bytes = vm.record.memory_bytes
         job.stats.pages_total = vm.ram.npages
         job.stats.verify_mode = self.verify_mode
+        job.stats.downtime_target_ms = self.downtime_target_ms
+        job.stats.max_bandwidth_mibps = self.max_bandwidth_bps // 2**20
         job.started_at = time.time()
         vm.migrating = job.id
         job.stats.round_log.clear()
@@ -352,7 +356,8 @@ class SourceMigration:
         st.expected_downtime_ms = convergence.expected_downtime_ms(remaining, st.bandwidth_bps)
         st.round_log.append({"round": round_no, "pages_sent": sent_pages, "dirty_pages": dirty_pages,
                              "ms": round(elapsed * 1000.0, 1), "bandwidth_bps": round(round_bps),
-                             "throttle_pct": st.throttle_pct})
+                             "throttle_pct": st.throttle_pct, "downtime_target_ms": self.downtime_target_ms,
+                             "max_bandwidth_mibps": self.max_bandwidth_bps // 2**20})
         log.info("round_finished", round=round_no, pages_sent=sent_pages, dirty_pages=dirty_pages,
                  elapsed_ms=round(elapsed * 1000.0, 1), mbps=round(round_bps * 8 / 1e6, 1),
                  expected_downtime_ms=round(st.expected_downtime_ms, 1))

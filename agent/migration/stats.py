@@ -25,6 +25,8 @@ class MigrationStats:
     prefault_ms: float = 0.0
     verify_ms: float = 0.0
     verify_mode: str = ""
+    downtime_target_ms: int = 0    # the target in force (job set may change it)
+    max_bandwidth_mibps: int = 0   # the cap in force, 0 = none
     guest_rate_before_pps: int = 0
     guest_rate_during_pps: int = 0
     writes_at_pause: int = 0
