@@ -85,6 +85,10 @@ class _Call(threading.Thread):
         return self.value
 
 
+def _names(jobs: list[dict]) -> str:
+    return ", ".join(f"{j['id']} ({j['vm']})" for j in jobs) or "the migration"
+
+
 def _poll(poll: Callable[[], list[dict]], last: list[dict]) -> list[dict]:
     try:
         return poll()
@@ -118,17 +122,20 @@ def wait_jobs(call: Callable[[], Any], poll: Callable[[], list[dict]], cancel: C
         except KeyboardInterrupt:
             interrupts += 1
             display.clear()
-            if interrupts == 1:
-                jobs = _poll(poll, jobs)
+            try:
+                if interrupts == 1:
+                    jobs = _poll(poll, jobs)
+                    under_way = [j for j in jobs if j.get("state") not in FINAL_STATES]
+                    note(f"Ctrl-C: cancelling {_names(under_way)}; the VMs stay here (Ctrl-C again to detach)")
+                    for j in under_way:
+                        c = _Call(lambda j=j: cancel(j))
+                        c.start()
+                        cancels.append(c)
+                    continue
+            except KeyboardInterrupt:         # the second one came while the first was handled
+                pass
             under_way = [j for j in jobs if j.get("state") not in FINAL_STATES]
-            names = ", ".join(f"{j['id']} ({j['vm']})" for j in under_way) or "the migration"
-            if interrupts == 1:
-                note(f"Ctrl-C: cancelling {names}; the VMs stay here (Ctrl-C again to detach)")
-                for j in under_way:
-                    c = _Call(lambda j=j: cancel(j))
-                    c.start()
-                    cancels.append(c)
-            else:
-                raise Detached(f"detached: {names} goes on; follow it with 'livemig job ID --wait'") from None
+            raise Detached(f"detached: {_names(under_way)} goes on; "
+                           f"follow it with 'livemig job ID --wait'") from None
     display.clear()
     return main.result()
