@@ -48,6 +48,9 @@ def cmd_agent(ns) -> int:
 
     cfg = load_config(ns.config, config_overrides(ns))
     check_data_dir(cfg.agent.data_dir)
+    from agent.cli.preflight import check_endpoints
+
+    check_endpoints(cfg, ns.metrics)                  # "address in use: is another agent running?"
     from agent.daemon.agent import run_agent          # the daemon's imports only once the config is good
     from agent.observe.logs import configure_logging
 
