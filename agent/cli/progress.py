@@ -33,6 +33,10 @@ class Detached(CliError):
 
 
 def progress_line(j: dict) -> str:
+    if j.get("kind") == "storage":               # a storage move has its own figures (storage.py)
+        from agent.cli.output import format_progress
+
+        return format_progress(j)
     arrow = "->" if j.get("direction") == "outbound" else "<-"
     peer = (j.get("destination") if j.get("direction") == "outbound" else j.get("source")) or "-"
     frac = job_fraction(j)

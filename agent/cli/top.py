@@ -18,7 +18,7 @@ import time
 
 from agent.cli.client import Control
 from agent.cli.exits import EXIT_OK, CliError
-from agent.cli.output import FINAL_STATES, bar, job_fraction, progress_figures
+from agent.cli.output import FINAL_STATES, bar, format_progress, job_fraction, progress_figures
 from agent.cli.units import ago, fmt_bytes, human, iso, with_iso
 
 FINISHED_SHOWN = 5
@@ -43,6 +43,9 @@ def render(snap: dict, agent: str, width: int) -> list[str]:
              f"{len(vms)} VMs   (q quits)", ""]
     lines.append("MIGRATIONS" if active else "MIGRATIONS  none under way")
     for j in active:
+        if j.get("kind") == "storage":           # a storage move: its own line (storage.py)
+            lines.append(f"  {format_progress(j)}")
+            continue
         arrow = "->" if j.get("direction") == "outbound" else "<-"
         peer = (j.get("destination") if j.get("direction") == "outbound" else j.get("source")) or "-"
         frac = job_fraction(j)
