@@ -10,8 +10,8 @@ within a bound, requires the end state of ``tests.tools.checks.settled``:
 
 - the VM is ``running`` on exactly one host and listed by no other
   (``vm list --json`` of the other host lists nothing);
-- its write counter is at least the value read just before the fault, and
-  keeps growing afterwards;
+- its write counter is at least the value read just before the fault (and
+  the source's ``writes_at_pause`` when its job survived), and keeps growing;
 - no job running on either side; the only segment with the test's prefix is
   the VM's own and the only guest process its guest; no ``held.*`` file;
 - throttle_pct is 0;
@@ -233,12 +233,16 @@ def _job_running(ag, job_id: str) -> bool:
     return ag.call("job.show", id=job_id)["status"] == "running"
 
 
-def _end_state(agents, a, b, prefix: str, w0: int, hosts: str, mon: RunMonitor) -> None:
+def _end_state(agents, a, b, prefix: str, w0: int, hosts: str, mon: RunMonitor, job_id: str) -> None:
     try:
         ag, info = eventually(lambda: settled([a, b], VM, prefix, min_writes=w0, hosts=hosts), SETTLE_TIMEOUT_S,
                               what=f"exactly one running copy (expected on {'/'.join(hosts)})")
     except AssertionError as exc:
         raise AssertionError(f"{exc}; run monitor: {mon.violations[:3] or 'no violation'}") from None
+    pause = _job(a, job_id)        # the source's job, unless A was restarted (then w0 is all we know)
+    if pause is not None:
+        at_pause = call(a, "job.show", id=job_id)["writes_at_pause"]
+        assert info["writes"] >= at_pause, f"writes {info['writes']} < {at_pause} at the pause"
     assert_keeps_writing(ag, VM, info["writes"])
     other = b if ag is a else a
     r = agents.cli(other, "vm", "list", "--json")
@@ -255,7 +259,7 @@ def _end_state(agents, a, b, prefix: str, w0: int, hosts: str, mon: RunMonitor) 
 def test_kill(target, phase, agents, shm_prefix):
     side = "source" if target.startswith("source") else "destination"
     with RunMonitor(shm_prefix) as mon:
-        a, b, path, _ = _begin(agents, side, phase)
+        a, b, path, job_id = _begin(agents, side, phase)
         w0 = writes(a, VM)                       # read just before the fault
         if target == "source-agent":
             _restart_without_hold(a)
@@ -271,7 +275,7 @@ def test_kill(target, phase, agents, shm_prefix):
             else:                                # no standby guest yet: kill it the moment it appears
                 _release(path)
                 kill_guest(shm_prefix, "B", VM)
-        _end_state(agents, a, b, shm_prefix, w0, EXPECT[(target, phase)], mon)
+        _end_state(agents, a, b, shm_prefix, w0, EXPECT[(target, phase)], mon, job_id)
 
 
 @pytest.mark.parametrize("target,phase", STOP_CELLS)
@@ -291,7 +295,7 @@ def test_stop(target, phase, agents, shm_prefix):
                      SETTLE_TIMEOUT_S, interval_s=0.05, what=f"{peer.name} gives up on the stopped {stopped.name}")
         finally:
             stopped.proc.send_signal(signal.SIGCONT)
-        _end_state(agents, a, b, shm_prefix, w0, A, mon)
+        _end_state(agents, a, b, shm_prefix, w0, A, mon, job_id)
 
 
 def _job(ag, job_id: str) -> dict | None:
