@@ -233,6 +233,7 @@ class StorageJob(Job):
         self.io_rate_before_wps = 0
         self.io_rate_during_wps = 0
         self.io_pause_ms = 0.0
+        self.switch_ms: dict = {}              # where the IO pause went (pause ack, final copy, verify, ...)
         self.held_windows = 0
         self.held_ms_max = 0.0
         self.verify_mismatches = 0
@@ -297,6 +298,7 @@ class StorageJob(Job):
             "direction": self.direction,
             "total_ms": round(total_ms, 1),
             "io_pause_ms": round(self.io_pause_ms, 2),
+            "switch_ms": self.switch_ms,
             "bytes_copied": self.bytes_copied,
             "bytes_remaining": self.bytes_remaining,
             "rounds": self.rounds,

@@ -473,10 +473,11 @@ class StorageMove:
 
     def _prepare_switch(self) -> None:
         """Pause the disk IO; mirrored disks: final round + verification (disk.py)."""
-        self._t_pause = time.monotonic()
         if self.mirror is not None:
             self.mirror.prepare_switch()              # returns with the IO paused, or resumed + raised
+            self._t_pause = self.mirror.switch_pause_started
         else:
+            self._t_pause = time.monotonic()
             pause_disk_io(self.vm.ctl, IO_TIMEOUT_S)
         self.io_paused = True
 
@@ -585,10 +586,14 @@ class StorageMove:
         the guest, resume; then the record (the durable switch), then the
         sources go. A failure before the reopens finished undoes it all."""
         job, vm = self.job, self.vm
+        t0 = time.monotonic()
         try:
             await self._step(self._rename_in_pause)
+            t1 = time.monotonic()
             await hold(self.data_dir, HOLD_ROLE, P.PIVOTING.value, job.id)
+            t2 = time.monotonic()
             await self._step(self._reopen_all)
+            t3 = time.monotonic()
         except BaseException as exc:
             log.error("storage_pivot_failed", job=job.id, vm=vm.name, error=str(exc))
             await self._step(self._undo_pivot)
@@ -598,6 +603,10 @@ class StorageMove:
             job.io_pause_ms = await self._step(self._resume_io)
         except (DiskError, OSError) as exc:
             job.warnings.append(f"disk IO of {vm.name} did not resume: {exc}")
+        spent = dict(self.mirror.switch_ms) if self.mirror is not None else {}
+        spent.update(rename_and_manifest=(t1 - t0) * 1000.0, reopen=(t3 - t2) * 1000.0,
+                     resume=(time.monotonic() - t3) * 1000.0)
+        job.switch_ms = {k: round(v, 2) for k, v in spent.items()}
         self.meter.mark("after")
         await self._step(self._sync_dirs)
         for p in self.plans:                                    # the durable switch, before any delete
