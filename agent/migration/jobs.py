@@ -274,6 +274,7 @@ class StorageJob(Job):
             "rounds": self.rounds,
             "guest_write_wait_ms_p99": self.write_wait.get("p99_ms"),
             "guest_write_wait_ms_max": self.write_wait.get("max_ms"),
+            "phases": {k: round(v, 1) for k, v in self.tracker.durations_ms.items()},
             "disks": [d["name"] for d in self.disks],
             "priority": self.priority,
             "error": self.error,

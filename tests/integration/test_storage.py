@@ -214,7 +214,9 @@ def test_three_move_forms_on_a_writing_guest(agents, tmp_path):
         check_disks(a, known, gone=[os.path.join(t1, os.path.basename(before[0]["path"]))])
         jobs = [j for j in a.call("jobs") if j["kind"] == "storage"]
         assert len(jobs) == 3 and {j["state"] for j in jobs} == {"completed"}
-        assert all(j["bytes_remaining"] == 0 and j["bytes_copied"] > 0 for j in jobs)
+        assert all(j["bytes_remaining"] == 0 and j["bytes_copied"] > 0 and j["rounds"] >= 2 for j in jobs)
+        assert all(set(j["phases"]) >= {"queued", "scanning", "copying", "mirroring", "switching", "pivoting"}
+                   and j["guest_write_wait_ms_max"] is not None for j in jobs)
         r = agents.cli(a, "job", jobs[0]["id"])
         assert r.returncode == 0 and "storage move" in r.stdout and "io pause" in r.stdout
         a.call("vm.delete", name="vm1")
