@@ -38,7 +38,7 @@ async def precheck(host, vm, target: str, verify_mode: str | None = None) -> dic
     except PeerError as exc:
         out["reason"], out["code"] = str(exc), exc.code
     except (AgentError, ProtocolError, OSError, TimeoutError) as exc:
-        out["reason"] = f"cannot reach {target}: {exc}" if not isinstance(exc, ProtocolError) else str(exc)
+        out["reason"] = str(exc) or f"cannot reach {target}"
     finally:
         if conn is not None:
             conn.close()

@@ -71,8 +71,10 @@ class SourceMigration:
         self.host, self.job, self.vm = host, job, vm
         self.peer_host, self.peer_port = peer_host, peer_port
         mcfg = host.cfg.migration
-        self.downtime_target_ms = downtime_target_ms or mcfg.downtime_target_ms
+        tuned = getattr(job, "tuned", {})          # job set survives a requeue (a new attempt, a new driver)
+        self.downtime_target_ms = tuned.get("downtime_ms") or downtime_target_ms or mcfg.downtime_target_ms
         bw = mcfg.max_bandwidth_mibps if max_bandwidth_mibps is None else max_bandwidth_mibps
+        bw = tuned.get("max_bandwidth_mibps", bw)
         self.max_bandwidth_bps = bw * 2**20
         self.verify_mode = verify or mcfg.verify
         self.conn = None
@@ -94,11 +96,14 @@ class SourceMigration:
         """Change the bandwidth cap and the downtime target of the running
         migration (virsh migrate-setspeed / migrate-setmaxdowntime); they take
         effect at the next batch and the next convergence decision."""
+        tuned = self.job.__dict__.setdefault("tuned", {})
         if max_bandwidth_mibps is not None:
+            tuned["max_bandwidth_mibps"] = max_bandwidth_mibps
             self.max_bandwidth_bps = max_bandwidth_mibps * 2**20
             if self.stream is not None:
                 self.stream.set_max_bandwidth(self.max_bandwidth_bps)
         if downtime_ms is not None:
+            tuned["downtime_ms"] = downtime_ms
             self.downtime_target_ms = downtime_ms
         self.job.stats.downtime_target_ms = self.downtime_target_ms
         self.job.stats.max_bandwidth_mibps = self.max_bandwidth_bps // 2**20
@@ -242,6 +247,7 @@ class SourceMigration:
         stream_sections = [s for s in self.sections if s.JOINS == "stream"]
         for s in stream_sections:
             s.begin_round(round_no)
+        self.job.stats.remaining_bytes = sum(x.pending_estimate() for x in self.sections)
         pending = list(stream_sections)
         while pending:
             for s in list(pending):
