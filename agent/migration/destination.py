@@ -345,10 +345,11 @@ class DestinationMigration:
                                       f"{self.vm.record.workload!r}", ErrorCode.MALFORMED)
         if ctl.writes > MAX_GUEST_COUNTER or ctl.io_writes > MAX_GUEST_COUNTER:
             raise RemoteProtocolError("vCPU state write counter out of range", ErrorCode.MALFORMED)
-        if FAULT_INJECT in ("corrupt-page", "corrupt-unmarked"):      # test hook: a page that is wrong
+        if FAULT_INJECT == "corrupt-page":            # test hook: a wrong page the digests are told about
             self.vm.ram.ram[0] ^= 0xFF
-            if FAULT_INJECT == "corrupt-page":
-                self.sections[0].digest.mark(((0, 1),))
+            self.sections[0].digest.mark(((0, 1),))
+        elif FAULT_INJECT == "corrupt-unmarked":      # ... and one they are not (the last page: outside any hot set)
+            self.vm.ram.ram[-1] ^= 0xFF
 
     async def _verify(self, mode: str) -> None:
         """Digests of what this host holds, guest still paused; the source compares."""
@@ -449,7 +450,9 @@ class DestinationMigration:
         if vm is None:
             return
         self.conn.close()
-        await self.conn.wait_closed()     # the transport may hold views of the shell
+        # The transport may hold views of the shell; a peer that is gone or
+        # frozen never completes a graceful close: give it a second.
+        await self.conn.wait_closed(1.0 if self.conn.failure is not None else 5.0)
         await vm.stop_guest(self.host.cfg.migration.guest_ack_timeout_s)
         vm.release()
         self.host.registry.remove(vm)      # record, segment journal entry and guest log

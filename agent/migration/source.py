@@ -412,7 +412,9 @@ class SourceMigration:
     async def _tell_peer(self, code: ErrorCode, reason: str) -> None:
         if self.conn is not None:
             await self.conn.abort(code, reason)
-            await self.conn.wait_closed()     # drops the transport's views of the segment
+            # Drops the transport's views of the segment; the guest already runs
+            # again, and a frozen peer must not hold the job's end for long.
+            await self.conn.wait_closed(1.0)
 
     async def _fail_in_doubt(self, reason: str) -> None:
         """Resume was sent and Resumed did not come: ask the destination."""
