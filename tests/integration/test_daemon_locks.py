@@ -15,6 +15,9 @@ import pytest
 
 from agent.control.proc import AgentProcess
 from agent.control.server import ControlClient
+from agent.daemon.config import load_config
+from agent.daemon.host import InstanceLock
+from agent.errors import AgentError
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -37,9 +40,21 @@ def _run_second(ag: AgentProcess) -> subprocess.CompletedProcess:
 
 
 def _refusal(r: subprocess.CompletedProcess) -> str:
+    """The one line a refused agent prints: the daemon's log line, or the CLI's own check before it."""
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode != 0 and len(lines) == 1, (r.returncode, r.stderr)
-    return json.loads(lines[0])["error"]
+    try:
+        return json.loads(lines[0])["error"]
+    except ValueError:
+        return lines[0]
+
+
+def _lock_as(tmp_path, shm_prefix: str, name: str, data_dir: str, control: str) -> InstanceLock:
+    """The daemon's own claims, taken in this process (behind the CLI's pre-checks)."""
+    cfg = load_config(None, {"agent.name": name, "agent.data_dir": data_dir, "agent.control": control,
+                             "agent.shm_prefix": shm_prefix, "security.mode": "insecure"})
+    os.makedirs(data_dir, exist_ok=True)
+    return InstanceLock(cfg).acquire()
 
 
 @pytest.fixture
@@ -87,7 +102,10 @@ def test_same_control_socket_is_refused(first, tmp_path, shm_prefix):
     other = AgentProcess("C", str(tmp_path / "c"), shm_prefix=shm_prefix, extra_args=("--control", a.control),
                          ca=a.ca)
     msg = _refusal(_run_second(other))
-    assert msg == f"another agent already uses control socket {a.control} (pid {a.proc.pid})"
+    assert a.control in msg and "another agent" in msg
+    with pytest.raises(AgentError) as exc:                 # the daemon's claim, whatever the CLI checks first
+        _lock_as(tmp_path, shm_prefix, "C", str(tmp_path / "c" / "C"), a.control)
+    assert str(exc.value) == f"another agent already uses control socket {a.control} (pid {a.proc.pid})"
     _first_unharmed(a, info, before, ino)
     assert ControlClient(a.control, timeout_s=5).call("ping")["pid"] == a.proc.pid
 
@@ -100,9 +118,25 @@ def test_a_live_socket_without_lock_is_never_unlinked(agents, tmp_path, shm_pref
         s.listen(4)
         ino = os.stat(path).st_ino
         ag = AgentProcess("D", str(tmp_path), shm_prefix=shm_prefix, extra_args=("--control", path), ca=agents.ca)
-        msg = _refusal(_run_second(ag))
-        assert msg == f"another agent already uses control socket {path} (pid {os.getpid()})"
+        assert path in _refusal(_run_second(ag))
+        with pytest.raises(AgentError) as exc:
+            _lock_as(tmp_path, shm_prefix, "D", ag.data_dir, path)
+        assert str(exc.value) == f"another agent already uses control socket {path} (pid {os.getpid()})"
         assert os.stat(path).st_ino == ino
+        assert not os.path.exists(path + ".lock")         # a refused claim leaves no lock file behind
+
+
+def test_claims_in_process_name_what_is_taken(first, tmp_path, shm_prefix):
+    """Each claim on its own, and a refused acquire releases what it had taken."""
+    a, _ = first
+    with pytest.raises(AgentError, match=f"already runs as A with shm prefix {shm_prefix} \\(pid {a.proc.pid}\\)"):
+        _lock_as(tmp_path, shm_prefix, "A", str(tmp_path / "x"), str(tmp_path / "x.sock"))
+    with pytest.raises(AgentError, match=f"already uses data dir {a.data_dir} \\(pid {a.proc.pid}\\)"):
+        _lock_as(tmp_path, shm_prefix, "E", a.data_dir, str(tmp_path / "e.sock"))
+    # The refused attempts hold nothing: the same claims (other than A's) can be taken at once.
+    lock = _lock_as(tmp_path, shm_prefix, "E", str(tmp_path / "x"), str(tmp_path / "x.sock"))
+    lock.release()
+    assert not os.path.exists(str(tmp_path / "x.sock.lock"))
 
 
 def test_locks_are_released_at_exit(agents, tmp_path):
