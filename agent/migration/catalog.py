@@ -14,7 +14,7 @@ from agent.migration.ram import RamIn, RamOut
 from agent.migration.section import SectionRegistry
 
 SECTIONS = SectionRegistry()
-SECTIONS.register("ram", lambda vm, stream, host: RamOut(vm, stream), lambda vm, host: RamIn(vm, host))
+SECTIONS.register("ram", lambda vm, stream, host, options: RamOut(vm, stream), lambda vm, host: RamIn(vm, host))
 
 for _mod in filter(None, os.environ.get("LIVEMIG_TEST_SECTIONS", "").split(",")):
     importlib.import_module(_mod.strip())

@@ -198,6 +198,7 @@ class DestinationMigration:
         created, and the slot and the reservation go at once."""
         self._admit(p)
         SECTIONS.check_incoming(p.sections)
+        SECTIONS.probe(p.sections, self._setup_infos(p), self.host)
         await self.conn.send(Ready(migration_id=p.migration_id, prefault_ms=0))
         log.info("dry_run_admitted", peer=self.conn.peer)
 

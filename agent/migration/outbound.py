@@ -21,6 +21,7 @@ from protocol import ProtocolError, Welcome
 from agent.daemon.config import parse_hostport
 from agent.errors import AgentError, MigrationAborted
 from agent.daemon.host import Host
+from agent.migration.catalog import SECTIONS
 from agent.migration.jobs import Job
 from agent.observe.logs import get_logger
 from agent.net.peer import open_session
@@ -67,7 +68,7 @@ async def choose_target(host: Host, vm: Vm, job: Job) -> str | None:
 
 
 async def run_outbound(host: Host, job: Job, vm: Vm, *, downtime_ms=None, max_bandwidth_mibps=None,
-                       verify: str | None = None) -> None:
+                       verify: str | None = None, options: dict | None = None) -> None:
     attempt = 0
     no_room = 0
     try:
@@ -87,9 +88,11 @@ async def run_outbound(host: Host, job: Job, vm: Vm, *, downtime_ms=None, max_ba
             try:
                 await host.slots.acquire(job.priority)
                 try:
+                    attempt_options = await SECTIONS.plan(host, vm, target, dict(options or {}))
                     driver = SourceMigration(host, job, vm, peer_host, peer_port, downtime_target_ms=downtime_ms,
                                              max_bandwidth_mibps=max_bandwidth_mibps,
-                                             requeue_on_full=len(job.targets) > 1, verify=verify)
+                                             requeue_on_full=len(job.targets) > 1, verify=verify,
+                                             options=attempt_options)
                     requeued = await driver.run()
                 finally:
                     host.slots.release()

@@ -19,10 +19,14 @@ from agent.migration.destination import DRY_RUN
 from agent.net.peer import open_session
 
 
-async def precheck(host, vm, target: str, verify_mode: str | None = None) -> dict:
-    """{"ok": bool, "destination", "agent", "reason", "code", "ms"}; never raises for a refusal."""
+async def precheck(host, vm, target: str, verify_mode: str | None = None,
+                   setup: dict[str, dict] | None = None) -> dict:
+    """{"ok": bool, "destination", "agent", "reason", "code", "ms"}; never raises for a refusal.
+    ``setup`` gives some sections' setup maps for the destination's probes
+    (section.py ``probes``); the others get an empty map."""
     t0 = time.monotonic()
     h, p = parse_hostport(target)
+    setup = setup or {}
     names = tuple(SECTIONS.outgoing)
     out = {"ok": False, "destination": target, "agent": None, "reason": None, "code": None}
     conn = None
@@ -32,7 +36,7 @@ async def precheck(host, vm, target: str, verify_mode: str | None = None) -> dic
         await conn.send(Prepare(
             migration_id=f"dry-{secrets.token_hex(6)}", vm=vm.name, memory_bytes=vm.record.memory_bytes,
             workload=vm.record.workload, features=(DRY_RUN,), source=host.name, sections=names,
-            setup=msgpack.packb([{} for _ in names]), verify_mode=verify_mode or host.cfg.migration.verify))
+            setup=msgpack.packb([setup.get(n, {}) for n in names]), verify_mode=verify_mode or host.cfg.migration.verify))
         await conn.expect(Ready, host.cfg.migration.handshake_timeout_s)
         out["ok"] = True
     except PeerError as exc:

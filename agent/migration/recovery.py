@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import os
 import time
 
 from protocol import ProtocolError, Query, QueryResult
@@ -95,10 +96,20 @@ async def resume_here(host, vm) -> None:
 
 
 async def release_source(host, vm) -> None:
-    """The destination runs the VM: drop the copy here (guest, segment, record)."""
+    """The destination runs the VM: drop the copy here (guest, segment,
+    record, and the files the sections listed in the outbound record, e.g.
+    disk images now copied to the destination; shared files are not listed)."""
+    delete = list((vm.record.outbound or {}).get("delete_files", []))
     await vm.stop_guest(host.cfg.migration.guest_ack_timeout_s)
     vm.release()
     host.registry.remove(vm)
+    for path in delete:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:         # the VM runs elsewhere; a leftover file is reported, not fatal
+            log.error("source_file_not_deleted", vm=vm.name, path=path, error=str(exc))
     vm.hold_reason = ""
     vm.migrating = None
 

@@ -57,6 +57,13 @@ class OutgoingSection(abc.ABC):
     def setup_info(self) -> dict:
         return {}
 
+    def release_info(self) -> dict:
+        """What the source must do once the destination runs the VM, kept in
+        the durable outbound record so a restarted agent does it too:
+        ``{"delete_files": [paths]}`` (e.g. disk images copied to the
+        destination; shared files are never listed)."""
+        return {}
+
     def begin_round(self, round_no: int) -> None:
         """Start a pre-copy round (stream sections only)."""
 
@@ -123,12 +130,35 @@ class SectionRegistry:
 
     outgoing: dict[str, OutFactory] = field(default_factory=dict)
     incoming: dict[str, InFactory] = field(default_factory=dict)
+    #: name -> ``probe(info, host)``: the destination's admission check of one
+    #: section's setup in a dry run (raise AdmissionRefused); optional.
+    probes: dict[str, Callable] = field(default_factory=dict)
+    #: name -> ``async plan(host, vm, target, options) -> options``: run by the
+    #: source before each attempt (e.g. choose shared or copied storage by a
+    #: dry-run probe of the destination); optional.
+    planners: dict[str, Callable] = field(default_factory=dict)
 
-    def register(self, name: str, out: OutFactory, inc: InFactory) -> None:
+    def register(self, name: str, out: OutFactory, inc: InFactory, *, probe: Callable | None = None,
+                 plan: Callable | None = None) -> None:
         if name in self.outgoing:
             raise ValueError(f"section {name!r} is registered twice")
         self.outgoing[name] = out
         self.incoming[name] = inc
+        if probe is not None:
+            self.probes[name] = probe
+        if plan is not None:
+            self.planners[name] = plan
+
+    async def plan(self, host, vm, target: str, options: dict) -> dict:
+        for planner in self.planners.values():
+            options = await planner(host, vm, target, options)
+        return options
+
+    def probe(self, names: Sequence[str], infos: Sequence[dict], host) -> None:
+        for name, info in zip(names, infos):
+            probe = self.probes.get(name)
+            if probe is not None:
+                probe(info, host)
 
     def build_outgoing(self, **ctx) -> list[OutgoingSection]:
         sections = [s for s in (f(**ctx) for f in self.outgoing.values()) if s is not None]

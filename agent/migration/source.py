@@ -67,7 +67,7 @@ class Requeue(Exception):
 class SourceMigration:
     def __init__(self, host: Host, job: Job, vm: Vm, peer_host: str, peer_port: int, *,
                  downtime_target_ms: int | None = None, max_bandwidth_mibps: int | None = None,
-                 requeue_on_full: bool = False, verify: str | None = None) -> None:
+                 requeue_on_full: bool = False, verify: str | None = None, options: dict | None = None) -> None:
         self.host, self.job, self.vm = host, job, vm
         self.peer_host, self.peer_port = peer_host, peer_port
         mcfg = host.cfg.migration
@@ -77,6 +77,7 @@ class SourceMigration:
         bw = tuned.get("max_bandwidth_mibps", bw)
         self.max_bandwidth_bps = bw * 2**20
         self.verify_mode = verify or mcfg.verify
+        self.options = dict(options or {})          # per-migration section options (e.g. storage mode)
         self.conn = None
         self.stream: SourceStream | None = None
         self.sections: list[OutgoingSection] = []
@@ -204,7 +205,7 @@ class SourceMigration:
         log.info("negotiated", version=agreement.version, slots=agreement.slots,
                  features=sorted(agreement.features), peer_agent=welcome.agent)
         self.stream = SourceStream(self.conn, job, host, self.max_bandwidth_bps, vm)
-        self.sections = SECTIONS.build_outgoing(vm=vm, stream=self.stream, host=host)
+        self.sections = SECTIONS.build_outgoing(vm=vm, stream=self.stream, host=host, options=self.options)
         await self.conn.send(prepare_message(job, vm, host, self.sections, self.verify_mode))
 
     async def _setup(self) -> None:
@@ -264,7 +265,8 @@ class SourceMigration:
         # resume a VM that may run elsewhere, and must know whom to ask.
         self.paused = True
         vm.record.state = "paused"
-        vm.record.outbound = {"id": job.id, "peer": self.peer, "phase": P.STOP_AND_COPY.value}
+        delete = [f for sec in self.sections for f in sec.release_info().get("delete_files", [])]
+        vm.record.outbound = {"id": job.id, "peer": self.peer, "phase": P.STOP_AND_COPY.value, "delete_files": delete}
         self.host.registry.save(vm)
         self.t_pause = time.monotonic()
         await vm.pause(self.host.cfg.migration.guest_ack_timeout_s)

@@ -76,7 +76,7 @@ class DeviceIn(IncomingSection):
             os.unlink(self.path)
 
 
-def _out(vm, stream, host):
+def _out(vm, stream, host, options):
     path = device_path(host.cfg.agent.data_dir, vm.name)
     return DeviceOut(path, stream) if os.path.exists(path) else None
 
