@@ -15,9 +15,14 @@ def test_graceful_restart_readopts_vms_and_removes_orphans(agents, shm_prefix):
     a = agents("A")
     a.call("vm.create", name="vm1", memory="32M", workload="uniform:rate=2000")
     pid = a.call("vm.show", name="vm1")["guest_pid"]
-    # An orphan: a segment with this agent's prefix that no record owns.
+    # An orphan: a segment this agent created (its journal says so) that no record owns,
+    # and a foreign one with the same prefix that the journal does not list (kept).
+    with open(os.path.join(a.data_dir, "segments"), "a") as f:
+        f.write(f"{shm_prefix}.A.ghost.deadbeef\n")
     orphan = GuestRam.create(f"{shm_prefix}.A.ghost.deadbeef", 4096 * 16)
     orphan.close()
+    foreign = GuestRam.create(f"{shm_prefix}.A.foreign.cafef00d", 4096 * 16)
+    foreign.close()
     assert a.stop() == 0                       # SIGTERM: graceful, VMs stay up
     assert os.path.exists(f"/proc/{pid}")      # the guest outlived its agent
     a.start()
@@ -25,6 +30,8 @@ def test_graceful_restart_readopts_vms_and_removes_orphans(agents, shm_prefix):
     assert info["state"] == "running" and info["guest_pid"] == pid      # adopted, not restarted
     wait_for(lambda: a.call("vm.show", name="vm1")["writes"] > info["writes"] + 500, 20, what="writes go on")
     assert not os.path.exists(f"/dev/shm/{shm_prefix}.A.ghost.deadbeef")
+    assert os.path.exists(f"/dev/shm/{shm_prefix}.A.foreign.cafef00d")     # not proven ours: kept
+    foreign.unlink()
     a.call("vm.delete", name="vm1")
 
 
