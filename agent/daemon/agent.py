@@ -182,7 +182,7 @@ class Agent:
             handlers.update(ops.handlers())
         # storage.move, and cancel for storage jobs (other jobs go on to JobOps' cancel)
         handlers.update(StorageOps(self, other_cancel=handlers["cancel"]).handlers())
-        self.control = ControlServer(a.control, a.control_mode, handlers)
+        self.control = ControlServer(a.control, a.control_mode, handlers, group=cfg.control.group)
 
     # ---- lifecycle -------------------------------------------------------
     async def start(self) -> tuple[str, int]:

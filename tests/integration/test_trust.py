@@ -320,8 +320,6 @@ def test_control_group_is_given_the_socket(tmp_path):
     assert not os.path.exists(path)
 
 
-@pytest.mark.xfail(strict=True, reason="agent/daemon/agent.py does not pass cfg.control.group to ControlServer yet "
-                                       "(one-line change requested from the lead); remove this mark with it")
 def test_agent_gives_its_control_socket_to_control_group(agents):
     import grp
 
