@@ -1,20 +1,27 @@
 import pytest
 
-from agent.daemon.config import AgentConfig, load_config, parse_hostport
+from agent.daemon.config import AgentConfig, SecuritySection, load_config, parse_hostport
 from agent.errors import ConfigError
 
 
 def test_defaults():
-    cfg = load_config()
-    assert cfg == AgentConfig()
+    # TLS is the default and needs certificate files; insecure is the one key changed here.
+    cfg = load_config(None, {"security.mode": "insecure"})
+    assert cfg == AgentConfig(security=SecuritySection(mode="insecure"))
     assert cfg.migration.max_rounds == 10 and cfg.migration.downtime_target_ms == 300
     assert cfg.limits.max_live_migrations == 2 and cfg.limits.max_storage_migrations == 2
+
+
+def test_tls_default_needs_its_files():
+    with pytest.raises(ConfigError, match="security"):
+        load_config()
 
 
 def test_file_then_overrides(tmp_path):
     p = tmp_path / "a.toml"
     p.write_text('[agent]\nname = "A"\nlisten = "127.0.0.1:7701"\n[limits]\nmax_live_migrations = 5\n')
-    cfg = load_config(p, {"limits.max_live_migrations": "7", "migration.io_timeout_s": "2.5"})
+    cfg = load_config(p, {"limits.max_live_migrations": "7", "migration.io_timeout_s": "2.5",
+                          "security.mode": "insecure"})
     assert cfg.agent.name == "A" and cfg.agent.listen == "127.0.0.1:7701"
     assert cfg.limits.max_live_migrations == 7
     assert cfg.migration.io_timeout_s == 2.5
