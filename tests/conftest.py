@@ -122,3 +122,24 @@ def agents(tmp_path, shm_prefix, cluster_ca):
         yield a
     finally:
         a.stop_all()
+
+
+class PlainAgents:
+    """``agents`` whose agents run without TLS (``insecure=True``) unless a test says
+    otherwise: for tests that speak the wire protocol on a plain socket themselves
+    (TLS peers, and what they can and cannot do, are tested in test_trust.py/test_tls.py)."""
+
+    def __init__(self, inner: Agents) -> None:
+        self._inner = inner
+
+    def __call__(self, *args, **kw) -> AgentProcess:
+        kw.setdefault("insecure", True)
+        return self._inner(*args, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+@pytest.fixture
+def plain_agents(agents):
+    return PlainAgents(agents)

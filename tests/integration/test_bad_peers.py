@@ -12,6 +12,12 @@ from protocol import MAGIC, PREFIX_SIZE, PROTOCOL_VERSION, Abort, FrameDecoder, 
 pytestmark = pytest.mark.timeout(90)
 
 
+@pytest.fixture
+def agents(plain_agents):
+    """These tests speak the wire protocol on plain sockets: their agents run without TLS."""
+    return plain_agents
+
+
 def connect(addr: str) -> socket.socket:
     host, port = addr.rsplit(":", 1)
     s = socket.create_connection((host, int(port)), timeout=10)

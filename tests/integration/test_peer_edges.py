@@ -30,6 +30,12 @@ from protocol.messages import Abort, Welcome
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def agents(plain_agents):
+    """These tests speak the wire protocol on plain sockets: their agents run without TLS."""
+    return plain_agents
 PAGE = 4096
 
 
