@@ -157,7 +157,8 @@ class RamOut(OutgoingSection):
 
     def pending_estimate(self) -> int:
         unsent = self._unsent_full if self._round == 1 else 0
-        return (unsent + self.dirty.count()) * PAGE_SIZE
+        # During round 1 a page dirtied ahead of the pass is counted twice: never more than all of RAM.
+        return min(self.ram.npages, unsent + self.dirty.count()) * PAGE_SIZE
 
     # ---- the pause --------------------------------------------------------
     async def complete(self) -> None:
