@@ -184,6 +184,15 @@ def _add_migrate(sub) -> None:
     m.add_argument("--verify", choices=VERIFY_MODES, default=None,
                    help="how memory is proven equal: incremental (hashed while pages arrive) or full "
                         "(all of it hashed again); default: the agent's migration.verify")
+    m.add_argument("--storage", choices=("auto", "shared", "copy"), default="auto",
+                   help="the VM's disks: shared (the destination sees the same files; only memory moves), "
+                        "copy (mirrored to the destination while the VM runs), auto (shared if the destination "
+                        "proves it sees the files, else copy; default)")
+    m.add_argument("--storage-dest", metavar="DIR",
+                   help="with copy: the directory on the destination for the copies "
+                        "(default <its data-dir>/disks/<vm>; e.g. /srv/vms)")
+    m.add_argument("--map", action="append", metavar="NAME=PATH",
+                   help="with copy: where disk NAME goes on the destination, repeatable (e.g. --map d0=/srv/d0.img)")
     _add_migration_options(m)
     dr = _command(sub, "drain", c.cmd_drain, "maintenance: accept no VMs and move every VM to the targets")
     dr.add_argument("--to", action="append", required=True, metavar="HOST[:PORT]",

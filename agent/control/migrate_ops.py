@@ -59,7 +59,51 @@ def migration_options(args: dict) -> dict:
         "max_bandwidth_mibps": _int_arg(args, "max_bandwidth_mibps", 0),
         "verify": verify,
         "priority": _int_arg(args, "priority", None) or 0,
+        **storage_options(args),
     }
+
+
+def storage_options(args: dict) -> dict:
+    """``storage`` auto|shared|copy, ``storage_dest`` (a directory on the
+    destination), ``map`` {disk name: path on the destination} or ["NAME=PATH"]."""
+    from agent.migration.disk_section import MODES
+
+    storage = args.get("storage") or "auto"
+    if storage not in MODES:
+        raise AgentError(f"storage: {' | '.join(MODES)}, got {storage!r}")
+    dest = args.get("storage_dest")
+    if dest is not None and (not isinstance(dest, str) or not dest.startswith("/") or "\0" in dest):
+        raise AgentError(f"storage_dest: an absolute directory on the destination, got {dest!r}")
+    raw = args.get("map") or {}
+    if isinstance(raw, list):
+        pairs = {}
+        for item in raw:
+            name, sep, path = item.partition("=") if isinstance(item, str) else ("", "", "")
+            if not sep or not name:
+                raise AgentError(f"map: expected NAME=PATH, got {item!r}")
+            pairs[name] = path
+        raw = pairs
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.startswith("/")
+                                            and "\0" not in v for k, v in raw.items()):
+        raise AgentError(f"map: NAME=ABSOLUTE_PATH (a path on the destination), got {raw!r}")
+    if raw and storage == "shared":
+        raise AgentError("map and storage_dest place copies; a shared migration copies nothing")
+    if dest and storage == "shared":
+        raise AgentError("map and storage_dest place copies; a shared migration copies nothing")
+    return {"storage": storage, "storage_dest": dest, "map": raw}
+
+
+def _section_options(opts: dict) -> dict:
+    return {k: opts[k] for k in ("storage", "storage_dest", "map")}
+
+
+def storage_report(job: Job) -> dict:
+    """storage_mode and per-disk bytes_copied/verified of a VM with disks (the disk section's figures)."""
+    st = getattr(job, "storage", None)
+    if not st:
+        return {}
+    return {"storage_mode": st["storage_mode"],
+            "disks": [{**d, "verified": bool(job.verified)} for d in st["disks"]]}
 
 
 def _targets(op: str, value) -> list[str]:
@@ -93,26 +137,23 @@ class MigrateOps:
         if self.agent.shutting_down:
             raise AgentError(f"agent shutting down: {self.host.name} starts no new migration")
 
-    def _check_movable(self, vm: Vm) -> None:
+    def _check_movable(self, vm: Vm, opts: dict | None = None) -> None:
+        names = {d["name"] for d in vm.record.disks}
+        unknown = sorted(set((opts or {}).get("map") or {}) - names)
+        if unknown:
+            raise VmError(f"{vm.name} has no disk {', '.join(unknown)} (its disks: {', '.join(sorted(names)) or 'none'})")
         if vm.storage_move is not None:
             raise VmError(f"{vm.name} has a storage move under way (job {vm.storage_move}); "
                           f"migrate it when that job has ended")
         if vm.migrating is not None:
             raise VmError(f"{vm.name} is already migrating (job {vm.migrating})")
-        if vm.record.disks:
-            # Refused up front until the shared-nothing disk mode exists: the
-            # destination would get the memory but not the disk images.
-            names = ", ".join(d["name"] for d in vm.record.disks)
-            raise VmError(f"{vm.name} has disks ({names}); live migration of a VM with disks is not "
-                          f"supported yet: its images would not follow it (move them on this host with "
-                          f"'livemig storage move')")
         if vm.record.state == "incoming":
             raise VmError(f"{vm.name} is still arriving here")
         if vm.state() != "running":
             raise VmError(f"{vm.name} is {vm.state()}; only a running VM can be live-migrated")
 
     def _start_outbound(self, vm: Vm, targets: list[str], opts: dict) -> Job:
-        self._check_movable(vm)
+        self._check_movable(vm, opts)
         h = self.host
         job = Job(vm=vm.name, source=h.listen_addr or h.name,
                   destination=targets[0] if len(targets) == 1 else "", direction="outbound")
@@ -121,7 +162,8 @@ class MigrateOps:
         h.jobs.add(job)
         vm.migrating = job.id
         coro = run_outbound(h, job, vm, downtime_ms=opts["downtime_ms"],
-                            max_bandwidth_mibps=opts["max_bandwidth_mibps"], verify=opts["verify"])
+                            max_bandwidth_mibps=opts["max_bandwidth_mibps"], verify=opts["verify"],
+                            options=_section_options(opts))
         job.task = self.agent.jobs.spawn(coro, f"outbound:{job.id}:{vm.name}",
                                          cancellable=lambda: is_cancellable(job.phase))
         log.info("migration_queued", job=job.id, vm=vm.name, targets=targets, priority=job.priority,
@@ -152,7 +194,7 @@ class MigrateOps:
         job = self._start_outbound(vm, targets[:1], opts)
         if args.get("wait"):
             await job.done.wait()
-            return job_report(job)
+            return {**job_report(job), **storage_report(job)}
         return job.summary()
 
     async def drain(self, args: dict):
@@ -165,9 +207,8 @@ class MigrateOps:
         t0 = time.time()
         jobs = []
         for vm in sorted(h.registry, key=lambda v: -v.record.memory_bytes):   # big ones first: best fit
-            # a VM with disks cannot move yet (see _check_movable): it stays, listed in vms_left
-            if vm.migrating is None and vm.record.state != "incoming" and vm.state() == "running" \
-                    and not vm.record.disks:
+            # VMs with disks move too (storage auto: shared if the target sees the files, else copied)
+            if vm.migrating is None and vm.record.state != "incoming" and vm.state() == "running":
                 jobs.append(self._start_outbound(vm, targets, opts))
         log.info("drain_started", vms=len(jobs), targets=targets)
         if not args.get("wait"):
@@ -185,7 +226,7 @@ class MigrateOps:
             "maintenance": True,
             "status": "completed" if ok else "incomplete",
             "drain_ms": round((time.time() - t0) * 1000.0, 1),
-            "vms": [{k: r[k] for k in keys} for r in reports],
+            "vms": [{**{k: r[k] for k in keys}, **storage_report(j)} for j, r in zip(jobs, reports)],
             "vms_left": left,
         }
         log.info("drain_finished", status=result["status"], drain_ms=result["drain_ms"], vms_left=len(left))

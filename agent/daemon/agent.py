@@ -47,6 +47,7 @@ from agent.errors import AgentError, VmError
 from agent.migration.heat import HEAT_PERIOD_S
 from agent.migration.jobs import Job
 from agent.migration.storage import recover_moves
+from agent.migration.disk_section import recover_incoming
 from agent.net.endpoint import MigrationEndpoint
 from agent.observe import sdnotify
 from agent.observe.logs import get_logger
@@ -194,6 +195,7 @@ class Agent:
         log.info("vms_adopted", **reg.adopt())
         log.info("segments_swept", **reg.sweep_orphans())
         log.info("storage_moves_recovered", **await asyncio.to_thread(recover_moves, self.host))
+        log.info("incoming_storage_recovered", **await asyncio.to_thread(recover_incoming, self.host))
         await self.endpoint.serve()
         await self.control.serve()
         if self.metrics_server is not None:

@@ -154,6 +154,33 @@ class MetricsSection:
 
 
 @dataclass(frozen=True, slots=True)
+class StorageSection:
+    # Where this host sees another host's disk files, for shared-storage
+    # migrations: "SRC_PREFIX=LOCAL_PREFIX[;SRC2=LOCAL2...]" (a source path
+    # under SRC_PREFIX is opened here under LOCAL_PREFIX); "" = the same paths.
+    shared_paths: str = ""
+
+    def __post_init__(self) -> None:
+        self.shared_map()
+
+    def shared_map(self) -> list[tuple[str, str]]:
+        out = []
+        for item in filter(None, (x.strip() for x in self.shared_paths.split(";"))):
+            src, sep, dst = item.partition("=")
+            _check(bool(sep and src.strip() and dst.strip()), f"storage.shared_paths: expected SRC=DST, got {item!r}")
+            out.append((os.path.normpath(src.strip()), os.path.normpath(dst.strip())))
+        return out
+
+    def local_path(self, path: str) -> str:
+        """The path under which this host sees another host's file ``path``."""
+        norm = os.path.normpath(path)
+        for src, dst in self.shared_map():
+            if norm == src or norm.startswith(src.rstrip("/") + "/"):
+                return dst + norm[len(src):]
+        return norm
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     migration: MigrationSection = field(default_factory=MigrationSection)
@@ -162,6 +189,7 @@ class AgentConfig:
     security: SecuritySection = field(default_factory=SecuritySection)
     control: ControlSection = field(default_factory=ControlSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    storage: StorageSection = field(default_factory=StorageSection)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -181,7 +209,8 @@ class AgentConfig:
 
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(AgentConfig)}
 _SECTION_TYPES = {"agent": AgentSection, "migration": MigrationSection, "limits": LimitsSection, "log": LogSection,
-                  "security": SecuritySection, "control": ControlSection, "metrics": MetricsSection}
+                  "security": SecuritySection, "control": ControlSection, "metrics": MetricsSection,
+                  "storage": StorageSection}
 
 
 def _coerce(section: str, key: str, value: Any, typ: type) -> Any:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import importlib
 import os
 
+from agent.migration import disk_section
 from agent.migration.ram import RamIn, RamOut
 from agent.migration.section import SectionRegistry
 
 SECTIONS = SectionRegistry()
 SECTIONS.register("ram", lambda vm, stream, host, options: RamOut(vm, stream), lambda vm, host: RamIn(vm, host))
+SECTIONS.register(disk_section.NAME, disk_section.out_factory, disk_section.in_factory,
+                  probe=disk_section.probe, plan=disk_section.plan)
 
 for _mod in filter(None, os.environ.get("LIVEMIG_TEST_SECTIONS", "").split(",")):
     importlib.import_module(_mod.strip())
