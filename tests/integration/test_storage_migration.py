@@ -22,6 +22,13 @@ from memstore import BLOCK_SIZE
 from tests.conftest import wait_for
 from tests.tools.checks import assert_keeps_writing, call, eventually, free_addr, vm_info
 
+
+def until(cond, timeout_s: float, what: str):
+    """Poll until ``cond()`` is true (an agent that is down or restarting counts as not yet)."""
+    def check():
+        assert cond(), what
+    return eventually(check, timeout_s, what=what)
+
 pytestmark = pytest.mark.timeout(120)
 
 VM = "vm1"
@@ -148,7 +155,8 @@ def test_failed_shared_migration_deletes_nothing(pair, tmp_path):
     r = call(a, "migrate", vm=VM, to=b.addr, wait=True, storage="shared")
     assert r["status"] == "failed" and "differ" in r["error"], r
     assert os.stat(shared / "root.img").st_ino == ino and sorted(os.listdir(shared)) == ["root.img"]
-    assert vm_info(b, VM) is None and vm_info(a, VM)["state"] == "running"
+    until(lambda: vm_info(b, VM) is None, 15, what="B discards its shell")
+    assert vm_info(a, VM)["state"] == "running"
     io0 = vm_info(a, VM)["io_writes"]
     wait_for(lambda: vm_info(a, VM)["io_writes"] > io0 + 50, 20, what="disk writes go on on A")
 
@@ -159,10 +167,15 @@ def test_shared_refused_when_the_destination_cannot_see_the_file(pair, tmp_path)
     r = call(a, "migrate", vm=VM, to=b.addr, wait=True, storage="shared")
     assert r["status"] == "failed" and "cannot see the shared disk root" in r["error"], r
     assert [f for f in os.listdir(tmp_path) if "livemig-probe" in f] == []
-    assert vm_info(a, VM)["state"] == "running" and vm_info(b, VM) is None
+    # B answers Reject before it has discarded its shell: wait for its job to end
+    first = r["id"]
+    until(lambda: call(b, "job.show", id=first)["status"] == "failed", 15,
+               what="B discards its shell")
+    assert vm_info(b, VM) is None
+    assert vm_info(a, VM)["state"] == "running"
     # auto falls back to a copy
     r = call(a, "migrate", vm=VM, to=b.addr, wait=True)
-    assert r["status"] == "completed" and r["storage_mode"] == "copy", r
+    assert r["status"] == "completed" and r["storage_mode"] == "copy", r["error"]
     assert not os.path.exists(tmp_path / "root.img")
     call(b, "vm.delete", name=VM)
 
@@ -184,8 +197,8 @@ def test_destination_without_space_refuses(pair, tmp_path):
         r = call(a, "migrate", vm=VM, to=b.addr, wait=True, storage="copy", storage_dest=str(small))
         assert r["status"] == "failed" and "not enough disk space" in r["error"], r
         assert os.listdir(small) == []
-        assert vm_info(a, VM)["state"] == "running" and vm_info(b, VM) is None
-        assert _disk_files(b) == []
+        until(lambda: vm_info(b, VM) is None, 15, what="B discards its shell")
+        assert vm_info(a, VM)["state"] == "running" and _disk_files(b) == []
     finally:
         subprocess.run(["umount", "-l", str(small)], capture_output=True)
 
@@ -213,7 +226,7 @@ def test_kill_during_copy(agents, pair, victim, phase):
     _restart_without_hold(agents, ag)
     ends_on = b if phase == "commit" else a
     other = a if ends_on is b else b
-    eventually(lambda: vm_info(ends_on, VM) is not None and vm_info(ends_on, VM)["state"] == "running"
+    until(lambda: vm_info(ends_on, VM) is not None and vm_info(ends_on, VM)["state"] == "running"
                and vm_info(other, VM) is None and not call(a, "jobs", running=True)
                and not call(b, "jobs", running=True), 40, what=f"{VM} running on {ends_on.name} only")
     shown = vm_info(ends_on, VM)
@@ -222,9 +235,9 @@ def test_kill_during_copy(agents, pair, victim, phase):
     paths = [d["path"] for d in shown["disks"]]
     if ends_on is a:
         assert paths == src_paths
-        eventually(lambda: _disk_files(b) == [], 10, what="no copy left on B")
+        until(lambda: _disk_files(b) == [], 10, what="no copy left on B")
     else:
-        eventually(lambda: not any(os.path.exists(p) for p in src_paths), 20, what="source files removed")
+        until(lambda: not any(os.path.exists(p) for p in src_paths), 20, what="source files removed")
         assert [f for f in _files(b.data_dir) if "incoming-storage" in f or "livemig-" in f] == []
     call(ends_on, "vm.pause", name=VM)
     assert sum(_image_ok(p, s) for p, s in zip(paths, (16 << 20, 8 << 20))) > 0
