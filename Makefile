@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/livemig bench $(BENCH_ARGS)
+	$(PY) -m agent.bench.storage_bench $(STORAGE_BENCH_ARGS)
 
 # Three hosts in network namespaces, 1 Gbit/s links (root; see deploy/testbed.sh).
 testbed: $(STAMP)
