@@ -130,8 +130,9 @@ def migration_args(ns, **args) -> dict:
 
 def migrate_args(ns) -> dict:
     """The "migrate" request: ``verify`` is always sent, None meaning the agent's migration.verify."""
-    return migration_args(ns, vm=ns.vm, to=ns.to, priority=ns.priority, verify=ns.verify,
-                          storage=ns.storage, storage_dest=ns.storage_dest, map=ns.map or None)
+    storage = {k: v for k, v in (("storage", ns.storage), ("storage_dest", ns.storage_dest), ("map", ns.map))
+               if v}                                   # absent: the agent's default (auto)
+    return migration_args(ns, vm=ns.vm, to=ns.to, priority=ns.priority, verify=ns.verify, **storage)
 
 
 def _resolve_to(ns) -> None:

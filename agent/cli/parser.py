@@ -184,7 +184,7 @@ def _add_migrate(sub) -> None:
     m.add_argument("--verify", choices=VERIFY_MODES, default=None,
                    help="how memory is proven equal: incremental (hashed while pages arrive) or full "
                         "(all of it hashed again); default: the agent's migration.verify")
-    m.add_argument("--storage", choices=("auto", "shared", "copy"), default="auto",
+    m.add_argument("--storage", choices=("auto", "shared", "copy"), default=None,
                    help="the VM's disks: shared (the destination sees the same files; only memory moves), "
                         "copy (mirrored to the destination while the VM runs), auto (shared if the destination "
                         "proves it sees the files, else copy; default)")
