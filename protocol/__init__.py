@@ -13,6 +13,7 @@ from .framing import (
     PREFIX,
     PREFIX_SIZE,
     FrameDecoder,
+    PayloadFollows,
     FramePrefix,
     Payload,
     decode_body,
@@ -141,6 +142,7 @@ __all__ = [
     "decode_body",
     "encode_frame",
     "FrameDecoder",
+    "PayloadFollows",
     # handshake
     "FEATURES",
     "Capabilities",

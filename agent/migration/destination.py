@@ -44,6 +44,7 @@ from protocol import (
     RemoteProtocolError,
     Resume,
     Resumed,
+    RoundAck,
     RoundEnd,
     SectionState,
     StateTransfer,
@@ -267,7 +268,6 @@ class DestinationMigration:
         job.stats.ram_bytes = p.memory_bytes
         job.stats.pages_total = ram.npages
         self.conn.payload_sink = lambda batch: self._section(batch.section).payload_sink(batch)
-        self.conn.ack_rounds = True
         await self.conn.send(Ready(migration_id=job.id, prefault_ms=int(job.stats.prefault_ms)))
         log.info("shell_ready", prefault_ms=round(job.stats.prefault_ms, 1), memory_bytes=p.memory_bytes)
 
@@ -302,6 +302,9 @@ class DestinationMigration:
                 self._section(msg.section).on_batch(msg)
                 self._count_batch(msg)
             elif isinstance(msg, RoundEnd):
+                # In stream order: every payload before this RoundEnd is in guest
+                # memory (payloads complete before the next frame is parsed).
+                await conn.send(RoundAck(round=msg.round))
                 self._round_ended(msg)
             elif isinstance(msg, SectionState):
                 self._section(msg.section).on_state(msg.data)

@@ -83,6 +83,7 @@ class SourceMigration:
         self.sections: list[OutgoingSection] = []
         self.paused = False
         self.resume_sent = False
+        self.acked_round = 0                 # the last round the destination said is in its memory
         self.t_pause = 0.0
         # BUSY always waits for a slot; in a drain over several targets a full
         # or maintenance target is also a reason to try again (elsewhere).
@@ -214,7 +215,7 @@ class SourceMigration:
         # The destination creates and pre-faults the shell; allow time for that.
         budget_s = mcfg.io_timeout_s + self.vm.record.memory_bytes / 2**30 * 5.0
         try:
-            ready = await self.conn.expect(Ready, budget_s)
+            ready = await self._expect(Ready, budget_s)
         except PeerError as exc:
             if exc.code in self.requeue_codes:
                 raise Requeue(str(exc)) from exc
@@ -288,7 +289,7 @@ class SourceMigration:
         try:
             theirs = {}
             for _ in self.sections:
-                d = await self.conn.expect(Digests, self.host.cfg.migration.io_timeout_s)
+                d = await self._expect(Digests)
                 theirs[d.section] = d
             for s, task in zip(self.sections, ours):
                 self._compare(s, await task, theirs.get(s.section_id))
@@ -315,7 +316,7 @@ class SourceMigration:
         await self._enter(P.VERIFY, P.RESUME)
         self.resume_sent = True              # from here the destination may run the VM
         await self.conn.send(Resume(migration_id=self.job.id))
-        resumed = await self.conn.expect(Resumed, self.host.cfg.migration.io_timeout_s)
+        resumed = await self._expect(Resumed)
         st = self.job.stats
         st.downtime_ms = (time.monotonic() - self.t_pause) * 1000.0
         st.writes_after_resume = resumed.writes
@@ -325,7 +326,7 @@ class SourceMigration:
         await self._enter(P.RESUME, P.COMMIT)
         try:
             await self.conn.send(Commit(migration_id=self.job.id))
-            await self.conn.expect(Committed, self.host.cfg.migration.io_timeout_s)
+            await self._expect(Committed)
         except (AgentError, ProtocolError) as exc:
             # The destination owns the VM from Resume on; a lost Committed changes nothing.
             log.warning("commit_ack_lost", error=str(exc))
@@ -341,12 +342,20 @@ class SourceMigration:
                                            if k in ("total_ms", "downtime_ms", "iterations", "bytes_sent", "verified")})
 
     # ---- rounds --------------------------------------------------------------
+    async def _expect(self, cls, timeout_s: float | None = None):
+        """The next message of type ``cls``; RoundAcks that arrive first (the
+        destination acks every round, we wait only for the last) are noted."""
+        timeout_s = self.host.cfg.migration.io_timeout_s if timeout_s is None else timeout_s
+        while True:
+            msg = await self.conn.expect((cls, RoundAck), timeout_s)
+            if not isinstance(msg, RoundAck) or cls is RoundAck:
+                return msg
+            self.acked_round = max(self.acked_round, msg.round)
+
     async def _wait_round_ack(self, round_no: int) -> None:
         t0 = time.monotonic()
-        while True:
-            ack = await self.conn.expect(RoundAck, self.host.cfg.migration.io_timeout_s)
-            if ack.round >= round_no:
-                break
+        while self.acked_round < round_no:
+            self.acked_round = max(self.acked_round, (await self._expect(RoundAck)).round)
         log.info("round_acked", round=round_no, wait_ms=round((time.monotonic() - t0) * 1000.0, 1))
 
     async def _end_round(self, round_no: int, sent_pages: int, t_start: float) -> None:

@@ -53,8 +53,6 @@ from protocol import (
     ProtocolError,
     Reject,
     RemoteProtocolError,
-    RoundAck,
-    RoundEnd,
     encode_frame,
 )
 from protocol.framing import MAX_FRAME_BYTES, FrameDecoder, PayloadFollows
@@ -77,7 +75,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.session = session
         self.transport: asyncio.Transport | None = None
         self.payload_sink: PayloadSink | None = None
-        self.ack_rounds = False          # destination: answer each RoundEnd with a RoundAck
         self.failure: BaseException | None = None
         self.peer: str = "?"
         self.bytes_received = 0
@@ -213,11 +210,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._scatter = None
 
     def _deliver(self, msg: Message) -> None:
-        if self.ack_rounds and isinstance(msg, RoundEnd) and self.transport is not None:
-            # Acknowledged here, in stream order: every payload before this
-            # RoundEnd is already in guest memory (payloads complete before the
-            # next frame is parsed), and the session is still in TRANSFER.
-            self.transport.write(self.session.send(RoundAck(round=msg.round)))
         if isinstance(msg, Abort) and self.failure is None:
             self.failure = PeerError(f"peer aborted: {msg.reason}", int(msg.code))
         self._inbox.append(msg)
@@ -339,14 +331,15 @@ class FrameProtocol(asyncio.BufferedProtocol):
             raise self.failure or PeerError(msg.reason, int(msg.code))
         return msg
 
-    async def expect(self, cls: type, timeout_s: float = 30.0):
+    async def expect(self, cls: type | tuple[type, ...], timeout_s: float = 30.0):
+        """The next message, which must be a ``cls`` (a class or a tuple of
+        them); a Reject in its place raises PeerError with the peer's reason."""
         msg = await self.recv(timeout_s)
-        while isinstance(msg, RoundAck) and cls is not RoundAck:
-            msg = await self.recv(timeout_s)      # late acks of rounds nobody waits for
-        if isinstance(msg, Reject) and cls is not Reject:
+        if isinstance(msg, Reject) and not (isinstance(cls, type) and cls is Reject):
             raise PeerError(f"{self.peer} refused: {msg.reason}", int(msg.code))
         if not isinstance(msg, cls):  # the session already checked the order; this is a driver bug guard
-            raise RemoteProtocolError(f"expected {cls.__name__}, got {type(msg).__name__}", ErrorCode.UNEXPECTED)
+            names = "|".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
+            raise RemoteProtocolError(f"expected {names}, got {type(msg).__name__}", ErrorCode.UNEXPECTED)
         return msg
 
     def fail(self, exc: BaseException) -> None:
