@@ -422,6 +422,9 @@ class DestinationMigration:
             await self._fail_owned(reason)
             return
         if reject:
+            # A refusal comes before Ready: no view of the shell was handed out,
+            # so the shell goes first and the name is free when the source hears.
+            await self._discard_shell(close=False)
             try:
                 await self.conn.send(Reject(code=code, reason=reason[:REASON_CHARS]))
             except (AgentError, ProtocolError):
@@ -448,15 +451,18 @@ class DestinationMigration:
         if job.phase is P.COMMIT:
             job.tracker.set_phase(expected=P.COMMIT, new=P.COMPLETED)
 
-    async def _discard_shell(self) -> None:
+    async def _discard_shell(self, close: bool = True) -> None:
+        """Undo the shell (sections, guest, segment, record). ``close=False``
+        only before Ready, when no view of the shell was handed out."""
         vm = self.vm
         await self._cleanup_sections(committed=False)
         if vm is None:
             return
-        self.conn.close()
-        # The transport may hold views of the shell; a peer that is gone or
-        # frozen never completes a graceful close: give it a second.
-        await self.conn.wait_closed(1.0 if self.conn.failure is not None else 5.0)
+        if close:
+            self.conn.close()
+            # The transport may hold views of the shell; a peer that is gone or
+            # frozen never completes a graceful close: give it a second.
+            await self.conn.wait_closed(1.0 if self.conn.failure is not None else 5.0)
         await vm.stop_guest(self.host.cfg.migration.guest_ack_timeout_s)
         vm.release()
         self.host.registry.remove(vm)      # record, segment journal entry and guest log

@@ -148,6 +148,9 @@ class Job:
             "writes_after_resume": s.writes_after_resume,
             "phases": {k: round(v, 1) for k, v in phases.items()},
             "rounds": s.round_log,
+            "downtime_target_ms": s.downtime_target_ms,
+            "max_bandwidth_mibps": s.max_bandwidth_mibps,
+            **getattr(self, "storage", {}),           # storage_mode and per-disk figures (disk_section.py)
             "queued_at": self.queued_at,
             "started_at": self.started_at,
             "finished_at": self.finished_at,

@@ -110,6 +110,11 @@ async def release_source(host, vm) -> None:
             pass
         except OSError as exc:         # the VM runs elsewhere; a leftover file is reported, not fatal
             log.error("source_file_not_deleted", vm=vm.name, path=path, error=str(exc))
+    if delete:                         # the VM's own default disk folder, if the move emptied it
+        try:
+            os.rmdir(os.path.join(host.cfg.agent.data_dir, "disks", vm.name))
+        except OSError:
+            pass
     vm.hold_reason = ""
     vm.migrating = None
 

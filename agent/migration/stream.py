@@ -12,7 +12,7 @@ import time
 
 import msgpack
 
-from memstore import PAGE_SIZE
+from memstore import BLOCK_SIZE, PAGE_SIZE
 from protocol import BatchFlags, PageBatch, Prepare
 
 from agent.migration import convergence
@@ -22,6 +22,7 @@ from agent.observe.logs import get_logger
 log = get_logger("livemig.source")
 
 HEADER_BYTES = 32          # prefix + a small body, for the wire-bytes estimate
+DISK_BLOCK_PAGES = BLOCK_SIZE // PAGE_SIZE   # a guest disk write dirties one 64 KiB block
 
 
 def prepare_message(job, vm, host, sections, verify_mode: str) -> Prepare:
@@ -52,7 +53,8 @@ class SourceStream:
     def start_clock(self) -> None:
         now = time.monotonic()
         self._bw_t0 = now
-        self._thr_t, self._thr_writes, self._thr_bytes = now, int(self.vm.ctl.writes), self.meter.total
+        self._thr_t, self._thr_bytes = now, self.meter.total
+        self._thr_writes = int(self.vm.ctl.writes) + int(self.vm.ctl.io_writes) * DISK_BLOCK_PAGES
 
     def device_state(self, paused_ms: float) -> bytes:
         r = self.vm.record
@@ -106,7 +108,8 @@ class SourceStream:
         if (period < convergence.THROTTLE_PERIOD_S and not force) or period <= 0.05:
             return
         ctl = self.vm.ctl
-        writes = int(ctl.writes)
+        # What the guest dirties: RAM pages and disk blocks (64 KiB), both slowed by the throttle.
+        writes = int(ctl.writes) + int(ctl.io_writes) * DISK_BLOCK_PAGES
         dirty_bps = (writes - self._thr_writes) * PAGE_SIZE / period
         bw = (self.meter.total - self._thr_bytes) / period
         self._thr_t, self._thr_writes, self._thr_bytes = now, writes, self.meter.total
