@@ -121,6 +121,7 @@ class BenchConfig:
     tcp_bytes: int = GiB
     write_files: bool = True
     security: str = "tls"              # tls | insecure: the agents' security.mode
+    verify: str = "incremental"        # incremental | full: the agents' migration.verify
 
     def size(self, nbytes: int) -> int:
         return max(16 * MiB, nbytes // self.divisor)
@@ -168,14 +169,16 @@ def _proc_mem(pid: int) -> dict:
 class Cluster:
     """Two fresh agents, A (source) and B (destination), with one shm prefix; leaves nothing behind."""
 
-    def __init__(self, prefix: str, log: Callable[[str], None], security: str = "tls") -> None:
+    def __init__(self, prefix: str, log: Callable[[str], None], security: str = "tls",
+                 verify: str = "incremental") -> None:
         self.prefix = prefix
         self.log = log
         self.workdir = tempfile.mkdtemp(prefix="livemig-bench-")
         # TLS: both get certificates from one throwaway CA made in the work dir (removed with it)
         insecure = security == "insecure"
-        self.a = AgentProcess("A", self.workdir, shm_prefix=prefix, insecure=insecure)
-        self.b = AgentProcess("B", self.workdir, shm_prefix=prefix, insecure=insecure)
+        extra = ("--set", f"migration.verify={verify}")
+        self.a = AgentProcess("A", self.workdir, shm_prefix=prefix, insecure=insecure, extra_args=extra)
+        self.b = AgentProcess("B", self.workdir, shm_prefix=prefix, insecure=insecure, extra_args=extra)
         self.leaks: list[str] = []
 
     def __enter__(self) -> "Cluster":
@@ -399,7 +402,7 @@ def _single(ctx: Ctx, *, memory: int, workload: str = "idle", prefill: str = "ra
         # drifts between minutes (3.4-5.2 GiB/s seen), so a ratio against a
         # baseline taken minutes earlier measures the drift as much as the agent.
         paired = rawtcp.measure(memory, runs=1, prefix=f"{ctx.prefix}-pair")["gibps"]["median"]
-    with Cluster(ctx.prefix, ctx.log, ctx.cfg.security) as cl:
+    with Cluster(ctx.prefix, ctx.log, ctx.cfg.security, ctx.cfg.verify) as cl:
         try:
             report, m, info = migrate_once(cl, vm="vm1", memory=memory, workload=workload, prefill=prefill,
                                            downtime_ms=downtime_ms, max_bandwidth_mibps=max_bandwidth_mibps)
@@ -470,7 +473,7 @@ def scenario_scale(ctx: Ctx) -> RunRecord:
                 out[f"{role}_hwm_bytes"] = mem.get("VmHWM")
         return out
 
-    with Cluster(ctx.prefix, ctx.log, ctx.cfg.security) as cl:
+    with Cluster(ctx.prefix, ctx.log, ctx.cfg.security, ctx.cfg.verify) as cl:
         try:
             for i, size in enumerate(sizes):
                 last = i == len(sizes) - 1
@@ -555,7 +558,7 @@ def scenario_drain(ctx: Ctx) -> RunRecord:
     slower. The order alternates between runs."""
     size = ctx.cfg.size(256 * MiB)
     rec = RunRecord()
-    with Cluster(ctx.prefix, ctx.log, ctx.cfg.security) as cl:
+    with Cluster(ctx.prefix, ctx.log, ctx.cfg.security, ctx.cfg.verify) as cl:
         a, b = cl.a, cl.b
         try:
             for ag in (a, b):
@@ -1067,6 +1070,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, help="runs per scenario (default 3; 1 with --quick)")
     p.add_argument("--tcp-runs", type=int, help="raw-TCP baseline runs (default 5; 3 with --quick)")
     p.add_argument("--shm-prefix", default="", help="base of the /dev/shm names used (default livemig-bench-<random>)")
+    p.add_argument("--verify", choices=("incremental", "full"), default="incremental",
+                   help="the agents' migration.verify (full: every page rehashed at the pause)")
     p.add_argument("--security", choices=("tls", "insecure"), default="tls",
                    help="the agents' security.mode: tls (default, mutual TLS with a throwaway CA) or insecure "
                         "(no TLS; to measure what TLS costs)")
@@ -1089,7 +1094,8 @@ def config_from_args(ns: argparse.Namespace) -> BenchConfig:
         raise ValueError("--shm-prefix: up to 52 of A-Z a-z 0-9 _ -")
     divisor = TINY_DIVISOR if ns.tiny else 1
     return BenchConfig(runs=runs, quick=quick, divisor=divisor, only=only, out_dir=ns.out, as_json=ns.json,
-                       shm_base=base, tcp_runs=tcp_runs, tcp_bytes=GiB // divisor, security=ns.security)
+                       shm_base=base, tcp_runs=tcp_runs, tcp_bytes=GiB // divisor, security=ns.security,
+                       verify=ns.verify)
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
@@ -1100,7 +1106,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None]) -> dict:
     doc: dict[str, Any] = {
         "tool": "livemig bench", "format": 1, "started_at": started,
         "mode": "tiny" if cfg.divisor > 1 else "quick" if cfg.quick else "full", "runs": cfg.runs,
-        "scenarios_selected": names, "shm_prefix": cfg.shm_base, "security": cfg.security,
+        "scenarios_selected": names, "shm_prefix": cfg.shm_base, "security": cfg.security, "verify": cfg.verify,
         "machine": machine_facts(),
         "foreign_cpu": foreign_cpu(), "errors": [],
     }
