@@ -123,13 +123,16 @@ class DestinationMigration:
         finally:
             await self._release_admission()
 
-    async def _release_admission(self) -> None:
+    def _unadmit(self) -> None:
         if self.slot:
             self.host.slots.release()
             self.slot = False
         if self.reserved_name is not None:
             self.host.registry.reserved.pop(self.reserved_name, None)
             self.reserved_name = None
+
+    async def _release_admission(self) -> None:
+        self._unadmit()
         if self.vm is not None:
             if self._guest_lost in self.vm.on_guest_lost:
                 self.vm.on_guest_lost.remove(self._guest_lost)
@@ -184,6 +187,12 @@ class DestinationMigration:
 
     async def _negotiate(self, p: Prepare) -> None:
         self._admit(p)          # refusals leave no job behind: the source requeues or fails
+        try:                    # each section's admission check, before anything is built
+            SECTIONS.check_incoming(p.sections)
+            SECTIONS.probe(p.sections, self._setup_infos(p), self.host)
+        except BaseException:
+            self._unadmit()
+            raise
         host = self.host
         job = Job(vm=p.vm, source=p.source, destination=host.name, direction="inbound", job_id=p.migration_id)
         job.slots = self.agreement.slots
