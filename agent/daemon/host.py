@@ -102,11 +102,11 @@ class Host:
 
     def taken(self, migration_id: str) -> None:
         """Record, durably, that this host owns the VM of ``migration_id`` (from Resume on)."""
-        self._taken.add(migration_id)
         with open(self._taken_path(), "a") as f:
             f.write(migration_id + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._taken.add(migration_id)         # only once it is durable
 
     def untake(self, migration_id: str) -> None:
         self._taken.discard(migration_id)
@@ -133,6 +133,8 @@ class Host:
         tmp = self._taken_path() + ".tmp"
         with open(tmp, "w") as f:
             f.write("".join(i + "\n" for i in ids))
+            f.flush()
+            os.fsync(f.fileno())          # a power loss must not leave it empty: it answers queries
         os.replace(tmp, self._taken_path())
 
     def guest_log(self, vm: str) -> str:

@@ -97,6 +97,7 @@ class DestinationMigration:
         self.slot = False
         self.reserved_name: str | None = None
         self._t_round = self._t_state = 0.0        # this side's clocks for its own figures
+        self._acker: asyncio.Future | None = None  # the latest pending RoundAck
         self._source_paused_ms = 0.0
 
     # ---- entry -------------------------------------------------------------
@@ -110,16 +111,16 @@ class DestinationMigration:
             raise
         except ProtocolError as exc:
             log.warning("peer_protocol_error", peer=self.conn.peer, error=str(exc), code=exc.code.name)
-            await self._fail(str(exc), exc.code)
+            await asyncio.shield(self._fail(str(exc), exc.code))
         except AdmissionRefused as exc:
             log.warning("admission_refused", peer=self.conn.peer, reason=str(exc))
-            await self._fail(str(exc), ErrorCode(exc.code or ErrorCode.BUSY), reject=True)
+            await asyncio.shield(self._fail(str(exc), ErrorCode(exc.code or ErrorCode.BUSY), reject=True))
         except (AgentError, OSError, TimeoutError) as exc:
             log.warning("inbound_failed", peer=self.conn.peer, error=str(exc) or type(exc).__name__)
-            await self._fail(str(exc) or type(exc).__name__, ErrorCode.INTERNAL)
+            await asyncio.shield(self._fail(str(exc) or type(exc).__name__, ErrorCode.INTERNAL))
         except Exception as exc:
             log.exception("inbound_internal_error", peer=self.conn.peer)
-            await self._fail(f"internal error: {exc!r}", ErrorCode.INTERNAL)
+            await asyncio.shield(self._fail(f"internal error: {exc!r}", ErrorCode.INTERNAL))
         finally:
             await self._release_admission()
 
@@ -164,7 +165,8 @@ class DestinationMigration:
         moves); in-progress: still deciding; discarded: had it, dropped it;
         unknown: never took it. Only "running" means a copy runs here."""
         job = self.host.jobs.get(migration_id)
-        if self.host.was_taken(migration_id):
+        if self.host.was_taken(migration_id) or any(
+                v.record.migration_id == migration_id and v.record.state != "incoming" for v in self.host.registry):
             return "running"
         if job is not None and not job.done.is_set():
             return "in-progress"
@@ -311,10 +313,8 @@ class DestinationMigration:
                 self._section(msg.section).on_batch(msg)
                 self._count_batch(msg)
             elif isinstance(msg, RoundEnd):
-                # In stream order: every payload before this RoundEnd is in guest
-                # memory (payloads complete before the next frame is parsed).
-                await conn.send(RoundAck(round=msg.round))
                 self._round_ended(msg)
+                self._ack_round(msg.round)
             elif isinstance(msg, SectionState):
                 self._section(msg.section).on_state(msg.data)
             elif isinstance(msg, StateTransfer):
@@ -333,6 +333,20 @@ class DestinationMigration:
         if msg.round == 1:      # until the first RoundEnd: what round 1 has not delivered yet
             st.remaining_bytes = max(0, st.pages_total - st.pages_sent - st.zero_pages) * 4096
 
+    def _ack_round(self, round_no: int) -> None:
+        """RoundAck once everything before this RoundEnd is in guest memory
+        (it is: payloads complete before the next frame is parsed) and hashed,
+        without holding up the receive loop; acks go out in round order."""
+        previous = self._acker
+
+        async def ack() -> None:
+            if previous is not None:
+                await previous
+            for s in self.sections:
+                await s.settle()
+            await self.conn.send(RoundAck(round=round_no))
+        self._acker = asyncio.ensure_future(ack())
+
     def _round_ended(self, msg: RoundEnd) -> None:
         st, now = self.job.stats, time.monotonic()
         t0, self._t_round = self._t_round, now
@@ -344,6 +358,7 @@ class DestinationMigration:
     async def _stop_and_copy(self, state: StateTransfer) -> None:
         await self._enter(P.PRECOPY, P.STOP_AND_COPY)
         self._t_state = time.monotonic()
+        await self._stop_acker(cancel=False)      # the last ack: hashing it waits for is needed anyway
         self._source_paused_ms = _paused_ms(state.device_state)
         self.conn.payload_sink = None
         ctl = self.vm.ctl
@@ -369,8 +384,12 @@ class DestinationMigration:
         await self._enter(P.STOP_AND_COPY, P.VERIFY)
         t0 = time.monotonic()
         for s in self.sections:
+            t1 = time.monotonic()
             chunk_pages, digests = await s.digests(mode)
+            t2 = time.monotonic()
             await self.conn.send(Digests(section=s.section_id, chunk_pages=chunk_pages, digests=digests))
+            log.debug("section_digests_sent", section=s.NAME, hash_ms=round((t2 - t1) * 1000, 2),
+                      send_ms=round((time.monotonic() - t2) * 1000, 2))
         self.job.stats.verify_ms = (time.monotonic() - t0) * 1000.0
 
     async def _resume(self) -> None:
@@ -380,16 +399,20 @@ class DestinationMigration:
         for s in self.sections:
             await s.activate()
         job.verified = True
-        # Ownership first, durably: the record says running and the id is taken
-        # before the guest runs, so a crash in between is repaired by the restart.
+        # Ownership first, durably: the record saved as running (with this
+        # migration id) is the proof, before the guest runs; a crash in between
+        # is repaired by the restart, and a query answers "running" from it.
         vm.record.state = "running"
         try:
             host.registry.save(vm)
-            host.taken(job.id)
         except OSError:
             vm.record.state = "incoming"          # not durable: not ours, discard as before Resume
             raise
         self.owned = True
+        try:
+            host.taken(job.id)                    # the index that outlives the record (VM moved on)
+        except OSError as exc:
+            log.error("taken_index_not_written", error=str(exc), note="the running record answers queries")
         vm.migrating = job.id                     # not movable onward until this migration has ended
         await self._run_guest()
         writes = int(vm.ctl.writes)
@@ -430,6 +453,10 @@ class DestinationMigration:
         if self.owned:
             await self._fail_owned(reason)
             return
+        job, cancelled = self.job, code == ErrorCode.CANCELLED
+        if job is not None and job.phase not in (P.COMPLETED, P.FAILED, P.CANCELLED, P.CANCELLING, P.ROLLING_BACK):
+            job.error = reason       # the abort phase first: a shutdown never cuts a discard short
+            job.tracker.set_phase(expected=job.phase, new=P.CANCELLING if cancelled else P.ROLLING_BACK)
         if reject:
             # A refusal comes before Ready: no view of the shell was handed out,
             # so the shell goes first and the name is free when the source hears.
@@ -441,18 +468,18 @@ class DestinationMigration:
         elif not isinstance(self.conn.failure, PeerLost):
             await self.conn.abort(code, reason)
         await self._discard_shell()
-        job = self.job
-        if job is not None and job.phase not in (P.COMPLETED, P.FAILED, P.CANCELLED):
-            job.error = reason
-            cancelled = code == ErrorCode.CANCELLED
-            job.tracker.set_phase(expected=job.phase, new=P.CANCELLING if cancelled else P.ROLLING_BACK)
-            job.tracker.set_phase(expected=job.phase, new=P.CANCELLED if cancelled else P.FAILED)
+        if job is not None and job.phase in (P.CANCELLING, P.ROLLING_BACK):
+            job.tracker.set_phase(expected=job.phase, new=P.CANCELLED if job.phase is P.CANCELLING else P.FAILED)
         log.info("shell_discarded", reason=reason)
 
     async def _fail_owned(self, reason: str) -> None:
         """After Resume the VM runs here and stays: the source commits, or
         learns by query that this host runs it."""
         log.warning("inbound_error_after_resume", error=reason)
+        vm = self.vm
+        if vm is not None and not vm.broken and not vm.guest_alive():
+            vm.ctl.command(Cmd.RUN)               # ours: the supervisor restarts it from its memory
+            vm.guest_wanted = True
         job = self.job
         await self._cleanup_sections(committed=True)
         if job.phase is P.RESUME:
@@ -477,7 +504,18 @@ class DestinationMigration:
         self.host.registry.remove(vm)      # record, segment journal entry and guest log
         self.vm = None
 
+    async def _stop_acker(self, cancel: bool = True) -> None:
+        acker, self._acker = self._acker, None
+        if cancel and acker is not None and not acker.done():
+            acker.cancel()
+        if acker is not None:
+            try:
+                await acker
+            except (asyncio.CancelledError, AgentError, ProtocolError):
+                pass        # a late ack nobody waits for any more
+
     async def _cleanup_sections(self, committed: bool) -> None:
+        await self._stop_acker()
         for s in self.sections:
             try:
                 await s.cleanup(committed)

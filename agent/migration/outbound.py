@@ -107,6 +107,9 @@ async def run_outbound(host: Host, job: Job, vm: Vm, *, downtime_ms=None, max_ba
         raise
     except AgentError as exc:
         _end_queued(job, vm, P.ROLLING_BACK, P.FAILED, str(exc))
+    except Exception as exc:          # e.g. a section's plan hook: the job must still end
+        log.exception("outbound_internal_error", job=job.id)
+        _end_queued(job, vm, P.ROLLING_BACK, P.FAILED, f"internal error: {exc!r}")
 
 
 def _end_queued(job: Job, vm: Vm, via: P, final: P, reason: str) -> None:

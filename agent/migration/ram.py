@@ -166,6 +166,9 @@ class RamOut(OutgoingSection):
         self._work = self._dirty_pass(self._collect())
         await self.iterate(1 << 62)
 
+    async def settle(self) -> None:
+        await self.digest.drain()
+
     async def digests(self, mode: str) -> tuple[int, bytes]:
         return self.digest.chunk_pages, await self.digest.finish(mode)
 
@@ -227,6 +230,9 @@ class RamIn(IncomingSection):
                 n = min(64, first + count - a)
                 ram.ram[a * PAGE_SIZE:(a + n) * PAGE_SIZE] = _ZERO[: n * PAGE_SIZE]
         self.digest.mark(batch.runs)              # after the bytes changed
+
+    async def settle(self) -> None:
+        await self.digest.drain()
 
     async def digests(self, mode: str) -> tuple[int, bytes]:
         return self.digest.chunk_pages, await self.digest.finish(mode)

@@ -24,6 +24,7 @@ import enum
 import os
 import time
 
+from memstore import Cmd
 from protocol import ProtocolError, Query, QueryResult
 
 from agent.errors import AgentError, VmError
@@ -95,6 +96,20 @@ async def resume_here(host, vm) -> None:
     host.registry.save(vm)
 
 
+def keep_running_here(host, vm) -> None:
+    """Last resort when resuming here failed: the VM is this host's, so no
+    migration holds it any more, the record says so (best effort), and the
+    supervisor (re)starts its guest from its memory with RUN."""
+    vm.record.state, vm.record.outbound, vm.hold_reason = "running", None, ""
+    try:
+        host.registry.save(vm)
+    except OSError as exc:
+        log.error("record_not_saved", vm=vm.name, error=str(exc))
+    if not vm.broken:
+        vm.ctl.command(Cmd.RUN)
+        vm.guest_wanted = True
+
+
 async def release_source(host, vm) -> None:
     """The destination runs the VM: drop the copy here (guest, segment,
     record, and the files the sections listed in the outbound record, e.g.
@@ -134,9 +149,13 @@ async def resolve_outbound(host, vm) -> None:
     if outcome is Outcome.RUNNING:
         log.info("in_doubt_resolved", vm=vm.name, outcome="released", peer=peer)
         await release_source(host, vm)
-    else:
-        log.info("in_doubt_resolved", vm=vm.name, outcome="resumed here", peer=peer)
+        return
+    log.info("in_doubt_resolved", vm=vm.name, outcome="resumed here", peer=peer)
+    try:
         await resume_here(host, vm)
+    except Exception as exc:          # the destination does not run it: never leave it paused or dead
+        log.error("resume_after_resolution_failed", vm=vm.name, error=repr(exc))
+        keep_running_here(host, vm)
 
 
 def spawn_resolver(host, vm) -> asyncio.Task:

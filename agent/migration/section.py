@@ -76,6 +76,10 @@ class OutgoingSection(abc.ABC):
     def pending_exact(self) -> int:
         return self.pending_estimate()
 
+    async def settle(self) -> None:
+        """Before the pause: catch up background work (e.g. hashing) so that
+        it is not downtime."""
+
     @abc.abstractmethod
     async def complete(self) -> None:
         """At the pause (guest frozen): send everything still missing."""
@@ -102,6 +106,10 @@ class IncomingSection(abc.ABC):
 
     def on_batch(self, batch: PageBatch) -> None:
         """A batch's bytes (or its zero runs) are in place."""
+
+    async def settle(self) -> None:
+        """Before acknowledging a round: catch up background work (hashing of
+        what arrived), so the source pauses only once this side is idle."""
 
     def on_state(self, data: bytes) -> None:
         from protocol import ErrorCode, RemoteProtocolError

@@ -49,7 +49,8 @@ from agent.migration import convergence, testhooks
 from agent.migration.jobs import Job
 from agent.migration.catalog import SECTIONS
 from agent.migration.phases import MigrationPhase as P, log_phase_change
-from agent.migration.recovery import Outcome, ask_until_answered, release_source, resume_here, spawn_resolver
+from agent.migration.recovery import (Outcome, ask_until_answered, keep_running_here, release_source,
+                                      resume_here, spawn_resolver)
 from agent.migration.section import OutgoingSection
 from agent.migration.stream import SourceStream, prepare_message
 from agent.net.peer import open_session
@@ -143,12 +144,14 @@ class SourceMigration:
             return requeued
 
     async def _requeued(self, exc: Requeue) -> None:
-        await self._cleanup_sections(committed=False)
         job = self.job
         job.requeues += 1
         job.last_refusal = str(exc)
+        # Back in the queue before anything awaits: a cancel from here on is
+        # the queue's (outbound.py), which ends the job.
         job.tracker.set_phase(expected=(P.NEGOTIATE, P.SETUP), new=P.QUEUED)
         log.info("requeued", reason=str(exc))
+        await asyncio.shield(self._cleanup_sections(committed=False))
 
     def _detach(self) -> None:
         if self._guest_lost in self.vm.on_guest_lost:
@@ -235,9 +238,12 @@ class SourceMigration:
                 throttle_pct=st.throttle_pct, remaining_history=tuple(history[:-1])))
             if decision is not convergence.Decision.ITERATE:
                 st.convergence = decision.value
-                # Let the destination catch up before the pause: its backlog
-                # (socket buffers, our write buffer) would otherwise be downtime.
+                # Let both sides catch up before the pause: the destination's
+                # backlog (buffers, its hashing: it acks a round once hashed)
+                # and our own hashing would otherwise be downtime.
                 await self._wait_round_ack(st.rounds)
+                for s in self.sections:
+                    await s.settle()
                 return
             await self._round(st.rounds + 1)
             history.append(st.remaining_bytes)
@@ -314,6 +320,11 @@ class SourceMigration:
 
     async def _resume(self) -> None:
         await self._enter(P.VERIFY, P.RESUME)
+        deadline = self.host.cfg.migration.switchover_deadline_s(self.downtime_target_ms)
+        if time.monotonic() - self.t_pause > deadline:
+            raise MigrationAborted("resume", f"switchover deadline of {deadline * 1000:.0f} ms passed; "
+                                             f"resumed on the source")
+        self.conn.check()                    # a connection already lost: Resume never leaves, nothing is in doubt
         self.resume_sent = True              # from here the destination may run the VM
         await self.conn.send(Resume(migration_id=self.job.id))
         resumed = await self._expect(Resumed)
@@ -403,21 +414,22 @@ class SourceMigration:
         job, vm = self.job, self.vm
         job.error = reason
         log.warning("migration_rolling_back", phase=job.phase.value, error=reason)
-        job.tracker.set_phase(expected=job.phase, new=P.CANCELLING if cancelled else P.ROLLING_BACK)
         try:
+            job.tracker.set_phase(expected=job.phase, new=P.CANCELLING if cancelled else P.ROLLING_BACK)
             if self.paused or not vm.guest_alive():
                 await resume_here(self.host, vm)     # first: the pause must not wait for the peer
             vm.ctl.throttle_pct = 0
             await self._tell_peer(ErrorCode.CANCELLED if cancelled else
-                                  ErrorCode.VERIFY_FAILED if getattr(job, "verify_failed", False) else
-                                  ErrorCode.INTERNAL, reason)
-        except VmError as exc:
-            log.error("rollback_resume_failed", error=str(exc))
+                                  ErrorCode.VERIFY_FAILED if job.verify_failed else ErrorCode.INTERNAL, reason)
+        except Exception as exc:          # the VM is ours: never leave it paused or dead
+            log.error("rollback_resume_failed", error=repr(exc))
             job.error = f"{reason}; rollback: {exc}"
+            keep_running_here(self.host, vm)
         finally:
             await self._cleanup_sections(committed=False)
             vm.migrating = None
-            job.tracker.set_phase(expected=job.phase, new=P.CANCELLED if cancelled else P.FAILED)
+            if job.phase in (P.CANCELLING, P.ROLLING_BACK):
+                job.tracker.set_phase(expected=job.phase, new=P.CANCELLED if cancelled else P.FAILED)
         log.info("rolled_back", vm_state=vm.state())
 
     async def _tell_peer(self, code: ErrorCode, reason: str) -> None:
@@ -444,16 +456,22 @@ class SourceMigration:
             await self._finish_commit()
             return
         job.tracker.set_phase(expected=job.phase, new=P.ROLLING_BACK)
-        if outcome is Outcome.DISCARDED:
-            job.error = f"{reason}; the destination discarded its copy, resumed on the source"
-            await resume_here(self.host, self.vm)
-        else:
-            job.error = (f"{reason}; {self.peer} has not said whether it runs {self.vm.name}: the VM stays "
-                         f"paused here and this agent keeps asking")
-            spawn_resolver(self.host, self.vm)
-        await self._cleanup_sections(committed=False)
-        self.vm.migrating = None
-        job.tracker.set_phase(expected=P.ROLLING_BACK, new=P.FAILED)
+        try:
+            if outcome is Outcome.DISCARDED:
+                job.error = f"{reason}; the destination discarded its copy, resumed on the source"
+                await resume_here(self.host, self.vm)
+            else:
+                job.error = (f"{reason}; {self.peer} has not said whether it runs {self.vm.name}: the VM stays "
+                             f"paused here and this agent keeps asking")
+                spawn_resolver(self.host, self.vm)
+        except Exception as exc:          # the destination does not run it: never leave it paused or dead
+            log.error("rollback_resume_failed", error=repr(exc))
+            job.error = f"{job.error}; rollback: {exc}"
+            keep_running_here(self.host, self.vm)
+        finally:
+            await self._cleanup_sections(committed=False)
+            self.vm.migrating = None
+            job.tracker.set_phase(expected=P.ROLLING_BACK, new=P.FAILED)
 
     async def _cleanup_sections(self, committed: bool) -> None:
         for s in self.sections:

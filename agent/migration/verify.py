@@ -38,7 +38,7 @@ import xxhash
 
 from memstore import PAGE_SIZE, chunk_digests, diff_chunks
 
-MIN_CHUNK_PAGES = 16
+MIN_CHUNK_PAGES = 4
 MAX_DIGEST_LIST_BYTES = 2 * 2**20
 DIGEST_BYTES = 16
 
@@ -51,6 +51,12 @@ def digest_chunk_pages(npages: int) -> int:
     while (npages + cp - 1) // cp * DIGEST_BYTES > MAX_DIGEST_LIST_BYTES:
         cp *= 2
     return cp
+
+
+async def _wait(fut: concurrent.futures.Future) -> None:
+    """Wait for the worker's batch; a cancelled waiter (e.g. a RoundAck that
+    is no longer needed) must not cancel the batch others wait for."""
+    await asyncio.shield(asyncio.wrap_future(fut))
 
 
 def first_difference(ours: bytes, theirs: bytes) -> int | None:
@@ -80,9 +86,11 @@ class ChunkDigests:
         self.digests = bytearray(DIGEST_BYTES * n)
         if fresh_zero:                   # a fresh destination shell is zeros: start from their digests
             self._fill_zero()
-        self._pending: set[int] = set()
+        self._pending: set[int] = set()      # marked, not yet handed to the worker
+        self._touched: set[int] = set(range(n)) if not fresh_zero else set()   # marked since the last drain()
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="digest")
         self._inflight: concurrent.futures.Future | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.chunks_hashed = 0
 
     def _fill_zero(self) -> None:
@@ -96,19 +104,30 @@ class ChunkDigests:
     def mark(self, runs) -> None:
         """Pages of these ``(first, count)`` runs changed (call after the bytes did)."""
         cp = self.chunk_pages
-        gen, pending = self.gen, self._pending
+        gen, pending, touched = self.gen, self._pending, self._touched
         for first, count in runs:
             for c in range(first // cp, (first + count - 1) // cp + 1):
                 gen[c] += 1
                 pending.add(c)
+                touched.add(c)
         if self._inflight is None or self._inflight.done():
             self._submit()
 
     def _submit(self) -> None:
-        if self._pending:
+        """Hand the pending chunks to the worker (loop thread only); when the
+        worker is done it asks the loop for the next batch, so what the last
+        round marked is hashed while the rest of the pause goes on."""
+        if self._pending and (self._inflight is None or self._inflight.done()):
             chunks = sorted(self._pending)
             self._pending.clear()
             self._inflight = self._executor.submit(self._hash, chunks)
+            try:
+                self._loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._loop = None
+            if self._loop is not None:
+                loop = self._loop
+                self._inflight.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._submit))
 
     def _hash(self, chunks: list[int]) -> None:
         ram, step, gen, hashed, digests = self.ram, self.chunk_bytes, self.gen, self.hashed, self.digests
@@ -130,16 +149,33 @@ class ChunkDigests:
         finally:
             view.release()
 
+    async def drain(self) -> None:
+        """Wait until every mark so far is hashed (the worker has caught up):
+        called before the pause, so that the pause rehashes only what the last
+        round changed (``_touched`` starts again from here)."""
+        while True:
+            if self._inflight is not None and not self._inflight.done():
+                await _wait(self._inflight)
+            elif self._pending:
+                self._submit()
+            else:
+                # Marks happen only on the loop thread, so nothing was marked
+                # since the worker went idle: every touched chunk is hashed.
+                self._touched = {c for c in self._touched if self.hashed[c] != self.gen[c]}
+                return
+
     async def finish(self, mode: str = "incremental") -> bytes:
         """Digests of the memory as it is now (nothing may write it meanwhile)."""
         if self._inflight is not None:
-            await asyncio.wrap_future(self._inflight)
+            await _wait(self._inflight)
         self._pending.clear()
         loop = asyncio.get_running_loop()
         if mode == "full":
             return await loop.run_in_executor(
                 self._executor, chunk_digests, self.ram, self.chunk_pages, self._data, self._hole)
-        stale = [c for c in range(self.nchunks) if self.hashed[c] != self.gen[c]]
+        # Only chunks marked since the last drain can be stale (every other one
+        # was hashed at its latest generation then): no scan of all chunks.
+        stale = sorted(c for c in self._touched if self.hashed[c] != self.gen[c])
         if stale:
             await loop.run_in_executor(self._executor, self._hash, stale)
         return bytes(self.digests)
