@@ -36,12 +36,13 @@ def _wait_timeout(ns) -> float | None:
     return WAIT_FOREVER if getattr(ns, "wait", False) else SHORT_CALL_S
 
 
-def migration_exit(r: dict) -> int:
-    """0 only for a migration that completed and was verified; says why otherwise when the report does not."""
+def migration_exit(r: dict, what: str = "migration") -> int:
+    """0 only for a job (migration, storage move) that completed and was
+    verified; says why otherwise when the report does not."""
     if r.get("status") == "completed":
         if r.get("verified") is True:
             return EXIT_OK
-        note(f"migration {r.get('id')} of {r.get('vm')} completed but was not verified")
+        note(f"{what} {r.get('id')} of {r.get('vm')} completed but was not verified")
     return EXIT_FAIL
 
 

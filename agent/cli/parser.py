@@ -42,6 +42,20 @@ def int_at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def number_in(cast: Callable[[str], float], low: float, high: float, what: str) -> Callable[[str], float]:
+    """An argparse type: ``cast(text)`` within [low, high] (e.g. days, seconds)."""
+    def parse(text: str):
+        try:
+            v = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"{what}: {low:g}..{high:g}, got {v:g}")
+        return v
+    parse.__name__ = what
+    return parse
+
+
 def integer(text: str) -> int:
     try:
         return int(text)

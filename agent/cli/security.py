@@ -13,6 +13,7 @@ agents' hosts: whoever holds it can make a certificate for any agent name.
 """
 from __future__ import annotations
 
+from agent.cli.parser import number_in
 from agent.cli.exits import EXIT_OK, CliError
 from agent.cli.output import emit
 
@@ -44,16 +45,7 @@ def cmd_cert_issue(ns) -> int:
     return EXIT_OK
 
 
-def _days(text: str) -> int:
-    import argparse
-
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of days, got {text!r}") from None
-    if not 1 <= n <= 36500:
-        raise argparse.ArgumentTypeError(f"days: 1..36500, got {n}")
-    return n
+_days = number_in(int, 1, 36500, "a number of days")
 
 
 def register(sub, command) -> None:

@@ -13,8 +13,8 @@ import argparse
 import os
 
 from agent.cli.client import Control
-from agent.cli.exits import EXIT_FAIL, EXIT_OK
-from agent.cli.output import bar, emit, fmt_bytes, note
+from agent.cli.exits import EXIT_OK
+from agent.cli.output import bar, emit, fmt_bytes
 
 
 def _map_item(text: str) -> str:
@@ -68,11 +68,9 @@ def format_storage_progress(j: dict) -> str:
 
 
 def storage_exit(r: dict) -> int:
-    if r.get("status") == "completed":
-        if r.get("verified") is True:
-            return EXIT_OK
-        note(f"storage move {r.get('id')} of {r.get('vm')} completed but was not verified")
-    return EXIT_FAIL
+    from agent.cli.commands import migration_exit
+
+    return migration_exit(r, "storage move")
 
 
 def cmd_storage_move(ns) -> int:

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 
+from agent.cli.parser import number_in
 from agent.cli.client import Control
 from agent.cli.exits import EXIT_OK, CliError
 from agent.cli.output import FINAL_STATES, bar, format_progress, job_fraction, progress_figures
@@ -155,16 +156,7 @@ def _count(text: str) -> int:
     return int(text)
 
 
-def _period(text: str) -> float:
-    import argparse
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0.05 <= v <= 3600:
-        raise argparse.ArgumentTypeError(f"0.05..3600 s, got {v:g}")
-    return v
+_period = number_in(float, 0.05, 3600, "seconds")
 
 
 def register(sub, command) -> None:

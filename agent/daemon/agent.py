@@ -255,18 +255,16 @@ class Agent:
         log.info("shutting_down", outbound=len(self.jobs), inbound=len(self.endpoint.tasks), grace_s=grace_s)
         self.endpoint.close()
         await asyncio.gather(self.jobs.shutdown(grace_s), self.endpoint.shutdown(grace_s))
-        await self.tasks.shutdown(0)
-        await self.control.close()
-        if self.metrics_server is not None:
-            await self.metrics_server.close()
-        self._close_segments()
-        self.lock.release()
+        await self._close_own()
         log.info("stopped", vms_left_running=len(self.host.registry))
 
     async def abort_start(self) -> None:
         """After a failed start: close what this agent opened (nothing of anyone else's)."""
         self.endpoint.close()
         self.tasks.cancel_all()
+        await self._close_own()
+
+    async def _close_own(self) -> None:
         await self.tasks.shutdown(0)
         await self.control.close()
         if self.metrics_server is not None:

@@ -44,6 +44,7 @@ import psutil
 from memstore import (Cmd, GuestRam, find_guests, is_guest_process, list_segments, parse_disk_map_name,
                       segment_exists, segment_path, unlink_disk_maps, unlink_segment)
 
+from agent.daemon.files import fsync_dir, json_files, write_json
 from agent.errors import VmError
 from agent.observe.logs import get_logger
 from agent.daemon.vm import Vm, VmRecord
@@ -58,14 +59,6 @@ def _kill(pid: int) -> None:
         p.wait(5)
     except (psutil.NoSuchProcess, psutil.TimeoutExpired):
         pass
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SegmentJournal:
@@ -85,7 +78,7 @@ class SegmentJournal:
         except FileNotFoundError:
             with open(path, "a"):
                 pass
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
 
     def __contains__(self, name: str) -> bool:
         return name in self._names
@@ -181,13 +174,7 @@ class VmRegistry:
         self.save(vm)
 
     def save(self, vm: Vm) -> None:
-        path = os.path.join(self.dir, f"{vm.name}.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(dataclasses.asdict(vm.record), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json(os.path.join(self.dir, f"{vm.name}.json"), dataclasses.asdict(vm.record))
 
     def remove(self, vm: Vm) -> None:
         """Forget the VM: its record, its guest log and (if the segment is gone) its journal entry."""
@@ -204,13 +191,7 @@ class VmRegistry:
     # ---- restart -----------------------------------------------------------
     def records(self) -> list[VmRecord]:
         out = []
-        for fn in sorted(os.listdir(self.dir)):
-            path = os.path.join(self.dir, fn)
-            if fn.endswith(".tmp"):
-                os.unlink(path)
-                continue
-            if not fn.endswith(".json"):
-                continue
+        for _fn, path in json_files(self.dir):
             try:
                 with open(path) as f:
                     out.append(VmRecord(**json.load(f)))

@@ -50,6 +50,7 @@ import time
 
 from memstore import BLOCK_SIZE, PAGE_SIZE, DiskError, DiskImage, DiskMap, PageRun, add_disk
 
+from agent.daemon.files import fsync_dir, write_json
 from agent.errors import AdmissionRefused, AgentError
 from agent.migration.disk import CHUNK_BLOCKS, DIGEST_BYTES, ZERO_BLOCK_DIGEST, block_digest, chunk_digests
 from agent.migration.section import IncomingSection, OutgoingSection
@@ -67,14 +68,6 @@ SPACE_HEADROOM = 1.05
 SPACE_MIN_SPARE = 16 * 2**20
 MANIFEST_DIR = "incoming-storage"
 CHUNK_PAGES = CHUNK_BLOCKS * PPB
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_block_digest(fd: int, block: int, drop: bool) -> bytes:
@@ -105,7 +98,7 @@ def write_probes(vm, probe_id: str) -> list[dict]:
                 os.close(fd)
             out.append({"name": d["name"], "path": path, "size": d["size_bytes"],
                         "attached": bool(d.get("attached")), "token_path": tpath, "token": token})
-            _fsync_dir(os.path.dirname(path))
+            fsync_dir(os.path.dirname(path))
             with DiskImage.open(path, readonly=True) as img:
                 img.fdatasync()
                 runs = img.data_blocks() or [PageRun(0, img.nblocks)]
@@ -254,13 +247,7 @@ def manifest_path(host, migration_id: str) -> str:
 
 def _save_manifest(path: str, doc: dict) -> None:
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    write_json(path, doc, sync_dir=True)
 
 
 def _delete_created(doc: dict) -> list[str]:
@@ -763,7 +750,7 @@ class DiskIn(IncomingSection):
             d.img.fdatasync()
             os.link(d.staging, d.final)
             os.unlink(d.staging)
-            _fsync_dir(os.path.dirname(d.final))
+            fsync_dir(os.path.dirname(d.final))
 
     async def cleanup(self, committed: bool) -> None:
         if self._readback is not None:

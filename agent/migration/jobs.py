@@ -21,7 +21,6 @@ import secrets
 import time
 from typing import Final, Mapping
 
-from agent.errors import InvalidTransition
 from agent.migration.phases import FINAL, MigrationPhase, PhaseTracker
 from agent.migration.stats import MigrationStats
 
@@ -79,16 +78,15 @@ class Job:
             self._progress = max(self._progress, min(99.9, 100.0 * s.pages_sent / todo))
         return round(self._progress, 1)
 
+    def _identity(self) -> dict:
+        """The keys every kind of job shows first."""
+        return {"id": self.id, "kind": self.kind, "vm": self.vm, "direction": self.direction,
+                "source": self.source, "destination": self.destination, "state": self.phase.value}
+
     def summary(self) -> dict:
         s = self.stats
         return {
-            "id": self.id,
-            "kind": self.kind,
-            "vm": self.vm,
-            "direction": self.direction,
-            "source": self.source,
-            "destination": self.destination,
-            "state": self.phase.value,
+            **self._identity(),
             "pages_sent": s.pages_sent,
             "pages_total": s.pages_total,
             "progress_pct": self.progress(),
@@ -187,33 +185,10 @@ STORAGE_TRANSITIONS: Final[Mapping[StoragePhase, frozenset[StoragePhase]]] = {
 STORAGE_FINAL: Final = frozenset({S.COMPLETED, S.CANCELLED, S.FAILED})
 
 
-class StorageTracker:
+def StorageTracker(on_change=None) -> PhaseTracker:
     """The phase of one storage job: ``set_phase(expected=, new=)`` along
     STORAGE_TRANSITIONS only (InvalidTransition otherwise), time per phase."""
-
-    def __init__(self, on_change=None) -> None:
-        self._phase = S.QUEUED
-        self._since = time.monotonic()
-        self.durations_ms: dict[str, float] = {}
-        self._on_change = on_change
-
-    @property
-    def phase(self) -> StoragePhase:
-        return self._phase
-
-    def set_phase(self, *, expected: StoragePhase | tuple[StoragePhase, ...], new: StoragePhase) -> None:
-        allowed = expected if isinstance(expected, tuple) else (expected,)
-        old = self._phase
-        if old not in allowed:
-            raise InvalidTransition(f"storage phase is {old.value}, expected {'|'.join(p.value for p in allowed)}")
-        if new not in STORAGE_TRANSITIONS[old]:
-            raise InvalidTransition(f"storage {old.value} -> {new.value} is not a legal transition")
-        now = time.monotonic()
-        elapsed_ms = (now - self._since) * 1000.0
-        self.durations_ms[old.value] = self.durations_ms.get(old.value, 0.0) + elapsed_ms
-        self._phase, self._since = new, now
-        if self._on_change is not None:
-            self._on_change(old, new, elapsed_ms)
+    return PhaseTracker(S.QUEUED, on_change, transitions=STORAGE_TRANSITIONS, what="storage phase")
 
 
 class StorageJob(Job):
@@ -263,13 +238,7 @@ class StorageJob(Job):
     def summary(self) -> dict:
         self._refresh()
         return {
-            "id": self.id,
-            "kind": self.kind,
-            "vm": self.vm,
-            "direction": self.direction,
-            "source": self.source,
-            "destination": self.destination,
-            "state": self.phase.value,
+            **self._identity(),
             "mode": self.mode,
             "progress_pct": self.progress(),
             "bytes_copied": self.bytes_copied,

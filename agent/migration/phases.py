@@ -88,11 +88,14 @@ class PhaseTracker:
     after every move (the driver logs it).
     """
 
-    def __init__(self, initial: MigrationPhase = P.QUEUED, on_change=None) -> None:
+    def __init__(self, initial: enum.Enum = P.QUEUED, on_change=None, *,
+                 transitions: Mapping = TRANSITIONS, what: str = "phase") -> None:
         self._phase = initial
         self._since = time.monotonic()
         self.durations_ms: dict[str, float] = {}
         self._on_change = on_change
+        self._transitions = transitions      # one tracker for every kind of job (migrations, storage moves)
+        self._what = what
 
     @property
     def phase(self) -> MigrationPhase:
@@ -102,13 +105,14 @@ class PhaseTracker:
         """``callback(old, new, elapsed_ms)`` after every move (one at a time)."""
         self._on_change = callback
 
-    def set_phase(self, *, expected: MigrationPhase | tuple[MigrationPhase, ...], new: MigrationPhase) -> None:
+    def set_phase(self, *, expected, new) -> None:
         allowed = expected if isinstance(expected, tuple) else (expected,)
         old = self._phase
         if old not in allowed:
-            raise InvalidTransition(f"phase is {old.value}, expected {'|'.join(p.value for p in allowed)}")
-        if new not in TRANSITIONS[old]:
-            raise InvalidTransition(f"{old.value} -> {new.value} is not a legal transition")
+            raise InvalidTransition(f"{self._what} is {old.value}, expected {'|'.join(p.value for p in allowed)}")
+        if new not in self._transitions[old]:
+            prefix = "" if self._what == "phase" else self._what.split()[0] + " "
+            raise InvalidTransition(f"{prefix}{old.value} -> {new.value} is not a legal transition")
         now = time.monotonic()
         elapsed_ms = (now - self._since) * 1000.0
         self.durations_ms[old.value] = self.durations_ms.get(old.value, 0.0) + elapsed_ms

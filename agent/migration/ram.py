@@ -78,7 +78,22 @@ def populated_runs(ram, chunk_pages: int) -> list[tuple[int, int]]:
     return runs
 
 
-class RamOut(OutgoingSection):
+class _Digested:
+    """Both halves keep their memory's digests in ``self.digest`` (verify.py)."""
+
+    digest: ChunkDigests
+
+    async def settle(self) -> None:
+        await self.digest.drain()
+
+    async def digests(self, mode: str) -> tuple[int, bytes]:
+        return self.digest.chunk_pages, await self.digest.finish(mode)
+
+    async def cleanup(self, committed: bool) -> None:
+        await asyncio.to_thread(self.digest.close)
+
+
+class RamOut(_Digested, OutgoingSection):
     NAME = "ram"
 
     def __init__(self, vm, stream) -> None:
@@ -166,17 +181,9 @@ class RamOut(OutgoingSection):
         self._work = self._dirty_pass(self._collect())
         await self.iterate(1 << 62)
 
-    async def settle(self) -> None:
-        await self.digest.drain()
-
-    async def digests(self, mode: str) -> tuple[int, bytes]:
-        return self.digest.chunk_pages, await self.digest.finish(mode)
-
-    async def cleanup(self, committed: bool) -> None:
-        await asyncio.to_thread(self.digest.close)
 
 
-class RamIn(IncomingSection):
+class RamIn(_Digested, IncomingSection):
     NAME = "ram"
 
     def __init__(self, vm, host) -> None:
@@ -231,11 +238,3 @@ class RamIn(IncomingSection):
                 ram.ram[a * PAGE_SIZE:(a + n) * PAGE_SIZE] = _ZERO[: n * PAGE_SIZE]
         self.digest.mark(batch.runs)              # after the bytes changed
 
-    async def settle(self) -> None:
-        await self.digest.drain()
-
-    async def digests(self, mode: str) -> tuple[int, bytes]:
-        return self.digest.chunk_pages, await self.digest.finish(mode)
-
-    async def cleanup(self, committed: bool) -> None:
-        await asyncio.to_thread(self.digest.close)

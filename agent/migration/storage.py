@@ -46,14 +46,14 @@ import errno
 import json
 import os
 import secrets
-import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from memstore import DiskError, DiskMap, GuestRam, pause_disk_io, reopen_disk, resume_disk_io
 from memstore.control import DiskIoState
 
+from agent.daemon.files import fsync_dir, json_files, write_json
 from agent.errors import AgentError, VmError
 from agent.migration.disk import (IO_TIMEOUT_S, DiskMirror, LocalSink, MirrorCancelled, MirrorError, MirrorSet,
                                   WriteWaitMeter)
@@ -106,14 +106,6 @@ def _identity(path: str) -> list | None:
     except FileNotFoundError:
         return None
     return [st.st_dev, st.st_ino]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _renames_across(src_dir: str, dst_dir: str, tag: str) -> bool:
@@ -272,15 +264,7 @@ def write_manifest(path: str, doc: dict) -> None:
     (a rewrite replaces a file that is already durable: after a power loss
     either version is a state recovery handles)."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    new = not os.path.exists(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(doc, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if new:
-        _fsync_dir(os.path.dirname(path))
+    write_json(path, doc, sync_dir=not os.path.exists(path))
 
 
 def remove_manifest(path: str) -> None:
@@ -288,7 +272,7 @@ def remove_manifest(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         return
-    _fsync_dir(os.path.dirname(path))
+    fsync_dir(os.path.dirname(path))
 
 
 def _unlink_if(path: str, ident: list | None, staging_name: bool) -> bool:
@@ -508,7 +492,7 @@ class StorageMove:
                 sink.path = p.dst
             dirs.add(os.path.dirname(p.dst))
         for d in dirs:
-            _fsync_dir(d)
+            fsync_dir(d)
 
     def _rename_in_pause(self) -> None:
         """IO paused: the renames left (a target replaced with --overwrite, a
@@ -534,7 +518,7 @@ class StorageMove:
     def _sync_dirs(self) -> None:
         for d in {os.path.dirname(p.dst) for p in self.plans} | \
                 {os.path.dirname(p.src) for p in self.plans if p.method == "rename"}:
-            _fsync_dir(d)
+            fsync_dir(d)
 
     def _reopen_all(self) -> None:
         ram = self.vm.ram
@@ -566,7 +550,7 @@ class StorageMove:
                 warnings.append(f"disk {p.name}: cannot delete the old image {p.src}: {exc}")
         for d in dirs:
             try:
-                _fsync_dir(d)
+                fsync_dir(d)
             except OSError:
                 pass
         return warnings
@@ -629,7 +613,7 @@ class StorageMove:
         Idempotent; renamed staging files are removed by _rollback."""
         for p in reversed([p for p in self.renamed if p.method == "rename"]):
             os.replace(p.dst, p.src)
-            _fsync_dir(os.path.dirname(p.src))
+            fsync_dir(os.path.dirname(p.src))
             self.renamed.remove(p)
         ram = self.vm.ram
         for p in reversed(self.reopened):
@@ -716,13 +700,7 @@ def recover_moves(host) -> dict[str, list[str]]:
     mdir = manifest_dir(host.cfg.agent.data_dir)
     if not os.path.isdir(mdir):
         return out
-    for fn in sorted(os.listdir(mdir)):
-        path = os.path.join(mdir, fn)
-        if fn.endswith(".tmp"):
-            os.unlink(path)
-            continue
-        if not fn.endswith(".json"):
-            continue
+    for fn, path in json_files(mdir):
         try:
             with open(path) as f:
                 doc = json.load(f)
@@ -768,7 +746,7 @@ def _roll_back(vm, plans: list[DiskPlan]) -> None:
         if p.method == "rename":
             if not os.path.exists(p.src) and p.src_id and _identity(p.dst) == p.src_id:
                 os.replace(p.dst, p.src)              # renamed, not yet switched: rename back
-                _fsync_dir(os.path.dirname(p.src))
+                fsync_dir(os.path.dirname(p.src))
         else:
             _unlink_if(p.staging, p.staging_id, staging_name=True)
             if p.staging_id and _identity(p.dst) == p.staging_id:

@@ -214,3 +214,34 @@ def test_bad_arguments(netns_ok):
     assert run_testbed("up", "2", "--rate", "fast", "--prefix", "tbad").returncode == 2
     assert run_testbed("frobnicate").returncode == 2
     assert_clean("tbad")
+
+
+@pytest.mark.timeout(240)
+def test_shared_nothing_migration_with_a_writing_guest_at_1gbit(prefix):
+    """A VM with a disk, its guest writing RAM and disk, moved shared-nothing over
+    the testbed's 1 Gbit/s link: completed and verified, its disk now in h2's
+    storage, the source file gone, both write counters going on on h2."""
+    state = Path("/run/livemig-testbed") / prefix
+    try:
+        r = run_testbed("up", "2", "--rate", "1gbit", "--prefix", prefix)
+        assert r.returncode == 0, r.stdout + r.stderr
+        h1, h2 = ControlClient(str(state / "h1.sock"), timeout_s=120), ControlClient(str(state / "h2.sock"))
+        h1.call("vm.create", name="vm1", memory="64M", workload="hotset:ws=8M,rate=2000,io=200,iows=16M",
+                disks=[{"name": "root", "size": "64M"}])
+        src = h1.call("vm.show", name="vm1")["disks"][0]["path"]
+        wait_for(lambda: h1.call("vm.show", name="vm1")["io_writes"] > 50, 20, what="disk writes on h1")
+        report = ControlClient(str(state / "h1.sock"), timeout_s=None).call(
+            "migrate", vm="vm1", to="198.18.0.2:7700", wait=True, storage="copy")
+        assert report["status"] == "completed" and report["verified"] is True, report
+        assert report["storage_mode"] == "copy" and all(d["verified"] for d in report["disks"]), report
+        assert not os.path.exists(src)                                   # deleted once h2 ran it
+        info = h2.call("vm.show", name="vm1")
+        assert info["disks"][0]["path"].startswith(str(state / "h2")), info["disks"]
+        w, io = info["writes"], info["io_writes"]
+        wait_for(lambda: (i := h2.call("vm.show", name="vm1"))["writes"] > w + 200 and i["io_writes"] > io + 20,
+                 20, what="RAM and disk writes go on on h2")
+        h2.call("vm.delete", name="vm1")
+    finally:
+        r = run_testbed("down", "--prefix", prefix)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert_clean(prefix)
