@@ -161,6 +161,20 @@ def plan_move(registry, vm, *, dest: str | None, only: list[str] | None, mapping
               overwrite: bool, job_id: str) -> list[DiskPlan]:
     """The checked plan of a move (MoveRefused naming the disk and the path
     otherwise). Nothing is created but a rename probe, removed at once."""
+    wanted, dest = _wanted_disks(vm, dest, only, mapping)
+    in_use = _disks_in_use(registry)
+    plans: list[DiskPlan] = []
+    targets: dict[str, str] = {}
+    for i, d in enumerate(vm.record.disks):
+        if d["name"] in wanted:
+            dst = _target_path(d, dest, mapping)
+            _check_target(d, dst, targets, in_use, overwrite)
+            plans.append(_disk_plan(i, d, dst, job_id))
+    check_space(plans)
+    return plans
+
+
+def _wanted_disks(vm, dest: str | None, only: list[str] | None, mapping: dict[str, str]) -> tuple[list[str], str | None]:
     disks = vm.record.disks
     if not disks:
         raise MoveRefused(f"{vm.name} has no disks to move")
@@ -179,7 +193,11 @@ def plan_move(registry, vm, *, dest: str | None, only: list[str] | None, mapping
         dest = os.path.abspath(dest)
         if not os.path.isdir(dest):
             raise MoveRefused(f"destination {dest} is not an existing directory")
-    # every disk of every VM, by real path and identity: never a target
+    return wanted, dest
+
+
+def _disks_in_use(registry) -> tuple[dict[str, str], dict[tuple, str]]:
+    """Every disk of every VM, by real path and by identity: never a target."""
     in_use: dict[str, str] = {}
     ids_in_use: dict[tuple, str] = {}
     for other in registry:
@@ -189,48 +207,51 @@ def plan_move(registry, vm, *, dest: str | None, only: list[str] | None, mapping
             ident = _identity(d["path"])
             if ident is not None:
                 ids_in_use[tuple(ident)] = label
-    plans: list[DiskPlan] = []
-    targets: dict[str, str] = {}
-    for i, d in enumerate(disks):
-        if d["name"] not in wanted:
-            continue
-        src = d["path"]
-        if mapping:
-            dst = os.path.abspath(mapping[d["name"]])
-            if os.path.isdir(dst):
-                dst = os.path.join(dst, os.path.basename(src))
-        else:
-            dst = os.path.join(dest, os.path.basename(src))
-        what = f"disk {d['name']}"
-        if not os.path.exists(src):
-            raise MoveRefused(f"{what}: its image {src} is missing")
-        real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
-        if real_dst == real_src or _identity(dst) == _identity(src):
-            raise MoveRefused(f"{what}: the target {dst} is the source itself")
-        if real_dst in targets:
-            raise MoveRefused(f"disks {targets[real_dst]} and {d['name']} are both mapped to {dst}")
-        targets[real_dst] = d["name"]
-        parent = os.path.dirname(dst)
-        if not os.path.isdir(parent):
-            raise MoveRefused(f"{what}: the target directory {parent} does not exist")
-        owner = in_use.get(real_dst) or (ids_in_use.get(tuple(_identity(dst))) if _identity(dst) else None)
-        if owner:
-            raise MoveRefused(f"{what}: the target {dst} is {owner}; it is never overwritten")
-        if os.path.lexists(dst):
-            if os.path.isdir(dst) and not os.path.islink(dst):
-                raise MoveRefused(f"{what}: the target {dst} is a directory")
-            if not overwrite:
-                raise MoveRefused(f"{what}: the target {dst} exists (use --overwrite to replace it)")
-        st = os.stat(src)
-        plan = DiskPlan(index=i, name=d["name"], src=src, dst=dst, size_bytes=d["size_bytes"],
-                        src_id=[st.st_dev, st.st_ino], allocated_before=st.st_blocks * 512)
-        if st.st_dev == os.stat(parent).st_dev and _renames_across(os.path.dirname(src), parent, job_id):
-            plan.method = "rename"
-        else:
-            plan.staging = os.path.join(parent, f".{os.path.basename(dst)}.livemig-{job_id}")
-        plans.append(plan)
-    check_space(plans)
-    return plans
+    return in_use, ids_in_use
+
+
+def _target_path(d: dict, dest: str | None, mapping: dict[str, str]) -> str:
+    src = d["path"]
+    if mapping:
+        dst = os.path.abspath(mapping[d["name"]])
+        return os.path.join(dst, os.path.basename(src)) if os.path.isdir(dst) else dst
+    return os.path.join(dest, os.path.basename(src))
+
+
+def _check_target(d: dict, dst: str, targets: dict[str, str], in_use, overwrite: bool) -> None:
+    src, what = d["path"], f"disk {d['name']}"
+    if not os.path.exists(src):
+        raise MoveRefused(f"{what}: its image {src} is missing")
+    real_src, real_dst = os.path.realpath(src), os.path.realpath(dst)
+    if real_dst == real_src or _identity(dst) == _identity(src):
+        raise MoveRefused(f"{what}: the target {dst} is the source itself")
+    if real_dst in targets:
+        raise MoveRefused(f"disks {targets[real_dst]} and {d['name']} are both mapped to {dst}")
+    targets[real_dst] = d["name"]
+    parent = os.path.dirname(dst)
+    if not os.path.isdir(parent):
+        raise MoveRefused(f"{what}: the target directory {parent} does not exist")
+    by_path, by_id = in_use
+    owner = by_path.get(real_dst) or (by_id.get(tuple(_identity(dst))) if _identity(dst) else None)
+    if owner:
+        raise MoveRefused(f"{what}: the target {dst} is {owner}; it is never overwritten")
+    if os.path.lexists(dst):
+        if os.path.isdir(dst) and not os.path.islink(dst):
+            raise MoveRefused(f"{what}: the target {dst} is a directory")
+        if not overwrite:
+            raise MoveRefused(f"{what}: the target {dst} exists (use --overwrite to replace it)")
+
+
+def _disk_plan(i: int, d: dict, dst: str, job_id: str) -> DiskPlan:
+    src, parent = d["path"], os.path.dirname(dst)
+    st = os.stat(src)
+    plan = DiskPlan(index=i, name=d["name"], src=src, dst=dst, size_bytes=d["size_bytes"],
+                    src_id=[st.st_dev, st.st_ino], allocated_before=st.st_blocks * 512)
+    if st.st_dev == os.stat(parent).st_dev and _renames_across(os.path.dirname(src), parent, job_id):
+        plan.method = "rename"
+    else:
+        plan.staging = os.path.join(parent, f".{os.path.basename(dst)}.livemig-{job_id}")
+    return plan
 
 
 def check_space(plans: list[DiskPlan]) -> None:
