@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from agent.control.migrate_ops import _int_arg
 from agent.errors import AgentError, VmError
 from agent.migration.jobs import StorageJob
 from agent.migration.storage import MoveRefused, new_job_id, parse_map, plan_move, start_move
@@ -30,14 +31,8 @@ log = get_logger("livemig.control.storage")
 
 
 def _int(args: dict, key: str, minimum: int | None, default: int) -> int:
-    value = args.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise AgentError(f"{key}: expected an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise AgentError(f"{key}: must be >= {minimum}, got {value}")
-    return value
+    value = _int_arg(args, key, minimum)          # the same checks as migrate's options
+    return default if value is None else value
 
 
 def _bool(args: dict, key: str) -> bool:
