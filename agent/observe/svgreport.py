@@ -82,13 +82,8 @@ def fmt_bytes(n: float) -> str:
 
 
 def fmt_rate(bps: float) -> str:
-    """Bytes/s as bits/s, decimal (links are rated that way)."""
-    bits = _num(bps) * 8
-    if bits >= 1e9:
-        return f"{bits / 1e9:.2f} Gbit/s"
-    if bits >= 1e6:
-        return f"{bits / 1e6:.1f} Mbit/s"
-    return f"{bits / 1e3:.1f} kbit/s"
+    """Bytes/s in MiB/s: the one bandwidth unit of livemig (flags, reports, this picture)."""
+    return f"{_num(bps) / 2**20:.1f} MiB/s"
 
 
 def fmt_count(n: float) -> str:
@@ -446,10 +441,10 @@ def _bandwidth_chart(svg: _Svg, rounds: list[dict], paused: int | None, caps: li
         svg.text(MARGIN_L - 50, y - 10, "bandwidth per round", font_size=13, font_weight="bold")
         _y_axis(svg, MARGIN_L, y, h, [0.0, 1.0], lambda t: "")
         return
-    bits = [rd["bandwidth_bps"] * 8 for rd in rounds]
-    cap_bits = [c * 8 if c else None for c in caps]
+    bits = [rd["bandwidth_bps"] for rd in rounds]          # bytes/s, drawn in MiB/s
+    cap_bits = [c if c else None for c in caps]
     vmax = max(bits + [c for c in cap_bits if c])
-    unit, div = ("Gbit/s", 1e9) if vmax >= 1e9 else ("Mbit/s", 1e6)
+    unit, div = "MiB/s", 2**20
     top = _y_axis(svg, MARGIN_L, y, h, nice_ticks(vmax / div), lambda t: f"{t:g}")
     svg.text(MARGIN_L - 50, y - 10, f"bandwidth per round ({unit})", font_size=13, font_weight="bold")
     slot, _ = _round_slots(len(rounds))
@@ -461,7 +456,7 @@ def _bandwidth_chart(svg: _Svg, rounds: list[dict], paused: int | None, caps: li
                          stroke_dasharray="6,3", class_="bandwidth-cap")
         last = max(i for i, c in enumerate(cap_bits) if c)
         svg.text(MARGIN_L + PLOT_W, y + h - cap_bits[last] / div / top * h - 4,
-                 f"cap {fmt_rate(cap_bits[last] / 8)}", font_size=10, text_anchor="end", fill=CAP_COLOR,
+                 f"cap {fmt_rate(cap_bits[last])}", font_size=10, text_anchor="end", fill=CAP_COLOR,
                  class_="cap-label")
     # a round that sent nothing has no bandwidth to show (not "0 bit/s")
     shown = [i for i, rd in enumerate(rounds) if rd["pages_sent"] > 0 and rd["bandwidth_bps"] > 0]

@@ -207,11 +207,11 @@ def test_cap_and_target_drawn_when_the_report_has_them():
     root = parse(render_svg(r))
     caps = by_class(root, "bandwidth-cap")
     assert len(caps) == 4 and len({c.get("y1") for c in caps}) == 1   # one cap, every round
-    assert [e.text for e in by_class(root, "cap-label")] == ["cap 134.2 Mbit/s"]      # 16 MiB/s in bits
+    assert [e.text for e in by_class(root, "cap-label")] == ["cap 16.0 MiB/s"]      # one unit: MiB/s
     assert [e.text for e in by_class(root, "target-label")] == ["downtime target 300 ms"]
     assert len(by_class(root, "downtime-target")) == 1
     assert len(by_class(root, "threshold")) == 4                       # bandwidth x target, per round
-    # the cap sits at its value on the bandwidth axis: below the ~952 Mbit/s rounds
+    # the cap sits at its value on the bandwidth axis: below the ~113 MiB/s rounds
     cap_y = float(caps[0].get("y1"))
     points = [float(c.get("cy")) for c in root.iter(NS + "circle")]
     assert all(cap_y > py for py in points)
