@@ -83,10 +83,18 @@ def cmd_storage_move(ns) -> int:
         args["map"] = ns.map
     if ns.max_bandwidth is not None:
         args["max_bandwidth_mibps"] = ns.max_bandwidth
-    r = Control(ns.agent).call("storage.move", timeout_s=None if ns.wait else 30.0, **args)
+    cl = Control(ns.agent)
+    r = cl.call("storage.move", timeout_s=30.0, **{**args, "wait": False})
     if not ns.wait:
         emit(ns, r, r["id"])
         return EXIT_OK
+    from agent.cli.progress import wait_jobs
+
+    # a live progress line on a terminal; Ctrl-C cancels the move (twice: detaches)
+    job = r
+    r = wait_jobs(lambda: cl.call("job.wait", timeout_s=None, id=job["id"]),
+                  lambda: [j for j in cl.call("jobs", running=True) if j["id"] == job["id"]],
+                  lambda j: cl.call("cancel", timeout_s=None, id=j["id"]))
     emit(ns, r, format_storage_report(r))
     return storage_exit(r)
 
