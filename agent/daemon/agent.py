@@ -221,12 +221,8 @@ class Agent:
 
     def start_resolver(self, vm: Vm) -> asyncio.Task | None:
         """Ask the destination how the outbound migration of a paused VM ended."""
-        try:
-            from agent.migration.recovery import resolve_outbound
-        except ImportError as exc:
-            log.warning("outbound_recovery_unavailable", vm=vm.name, error=str(exc),
-                        action="the VM stays paused; resume with --force once you know where it runs")
-            return None
+        from agent.migration.recovery import resolve_outbound
+
         if vm.resolver is not None and not vm.resolver.done():
             return vm.resolver
         vm.resolver = self.tasks.spawn(resolve_outbound(self.host, vm), f"resolve-outbound:{vm.name}")
