@@ -74,7 +74,7 @@ from .control import MAX_DISKS, ControlBlock, DiskCmd, GuestState
 from .dirtymap import DirtyMap
 from .errors import DiskError, GuestError
 from .layout import DISK_BLOCK_SIZE, PAGE_SIZE, PageRun, round_up
-from .segment import GuestRam, list_segments, reserve_file, segment_path
+from .segment import GuestRam, list_segments, reserve_file, segment_path, undo_create
 
 __all__ = [
     "BLOCK_SIZE",
@@ -457,16 +457,7 @@ class DiskMap:
             self._set_path(_PATH_LEN, _PATH_OFF, encoded)
             return self
         except BaseException as exc:
-            if mm is not None:
-                try:
-                    mm.close()
-                except BufferError:
-                    pass
-            os.close(fd)
-            try:
-                os.unlink(fpath)
-            except FileNotFoundError:
-                pass
+            undo_create(mm, fd, fpath)
             if isinstance(exc, OSError):
                 raise DiskError(f"cannot create disk map {name!r}: {exc}", errno=exc.errno) from exc
             raise

@@ -100,6 +100,20 @@ def shm_dir() -> str:
     return os.environ.get(SHM_DIR_ENV) or SHM_DIR
 
 
+def undo_create(mm: "mmap.mmap | None", fd: int, path: str) -> None:
+    """Take back a shm file this process just created: unmap, close, unlink."""
+    if mm is not None:
+        try:
+            mm.close()
+        except BufferError:
+            pass
+    os.close(fd)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def segment_path(name: str) -> str:
     """<shm_dir()>/<name> (ValueError on a name that is not a plain file name)."""
     return os.path.join(shm_dir(), _check_name(name))
@@ -238,16 +252,7 @@ class GuestRam:
             self.ctl.init_header(npages)
             return self
         except BaseException as exc:
-            if mm is not None:
-                try:
-                    mm.close()
-                except BufferError:
-                    pass
-            os.close(fd)
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+            undo_create(mm, fd, path)
             if isinstance(exc, OSError):
                 raise SegmentError(f"cannot create segment {name!r} of {size_bytes} bytes: {exc}") from exc
             raise
