@@ -135,7 +135,7 @@ def test_hold_hook_holds_until_the_file_is_removed(tmp_path, monkeypatch):
         for _ in range(1000):
             if path.exists():
                 break
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)          # poll: the hook's file appears
         assert path.read_text() == "job42"
         assert sorted(os.listdir(d)) == ["held.source.precopy"]       # no temporary file left
         with pytest.raises(asyncio.TimeoutError):
@@ -147,7 +147,7 @@ def test_hold_hook_holds_until_the_file_is_removed(tmp_path, monkeypatch):
         for _ in range(1000):
             if (tmp_path / "held.destination.commit").exists():
                 break
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.005)          # poll: the hook's file appears
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

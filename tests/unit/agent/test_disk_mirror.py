@@ -183,7 +183,7 @@ def test_write_wait_meter_measures_stalls():
     def writer():
         while not stop.is_set():
             counter[0] += 1
-            time.sleep(0.002)
+            time.sleep(0.002)                       # ok: the simulated guest's write pace
             if counter[0] == 50:
                 time.sleep(0.15)                            # one long stall
 
@@ -192,7 +192,7 @@ def test_write_wait_meter_measures_stalls():
     t.start()
     deadline = time.monotonic() + 10
     while counter[0] < 120 and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.01)                            # poll: until 120 writes or the deadline
     stop.set()
     t.join()
     meter.stop()

@@ -52,7 +52,7 @@ def test_shutdown_lets_tasks_finish_within_grace():
         done = []
 
         async def short():
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.05)   # ok: a task that takes a while, inside the grace
             done.append("short")
 
         task = ts.spawn(short(), "short")
@@ -84,7 +84,7 @@ def test_shutdown_cancels_cancellable_and_waits_for_protected():
         b = ts.spawn(rollback(), "rollback", cancellable=lambda: False)
         stopper = asyncio.create_task(ts.shutdown(grace_s=0.05))
         while not a.done():
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)   # poll: until the cancellable task is cancelled
         assert not stopper.done() and not b.done()     # still waiting for the protected task
         release.set()
         await stopper
@@ -108,7 +108,7 @@ def test_cancellable_is_asked_at_the_end_of_the_grace():
 
         task = ts.spawn(job(), "job", cancellable=lambda: state["phase"] == "precopy")
         stopper = asyncio.create_task(ts.shutdown(grace_s=0.05))
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)        # ok: past the 0.05 s grace, nothing may cancel the task
         assert not task.done()
         release.set()
         await stopper
