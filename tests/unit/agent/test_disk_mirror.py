@@ -185,7 +185,7 @@ def test_write_wait_meter_measures_stalls():
             counter[0] += 1
             time.sleep(0.002)                       # ok: the simulated guest's write pace
             if counter[0] == 50:
-                time.sleep(0.15)                            # one long stall
+                time.sleep(0.15)                            # ok: one long stall, what the meter must see
 
     t = threading.Thread(target=writer)
     meter = WriteWaitMeter(lambda: counter[0]).start()

@@ -21,7 +21,7 @@ def test_spawned_task_is_tracked_until_it_ends():
         assert task.get_name() == "waiter" and list(ts) == [task] and len(ts) == 1
         gate.set()
         await task
-        await asyncio.sleep(0)          # the done-callback runs on the next loop turn
+        await asyncio.sleep(0)          # ok: the done-callback runs on the next loop turn
         return len(ts)
 
     assert run(main()) == 0
@@ -36,7 +36,7 @@ def test_crash_is_logged_once_with_traceback():
         with structlog.testing.capture_logs() as logs:
             task = ts.spawn(boom(), "bomb")
             await asyncio.wait([task])
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)      # ok: one loop turn for the done-callback
         return logs, len(ts)
 
     logs, left = run(main())
