@@ -64,7 +64,7 @@ def cmd_vm_create(ns) -> int:
     if ns.attach:
         extra["attach"] = ns.attach
     r = _control(ns).call("vm.create", timeout_s=300.0, name=ns.name, memory=ns.memory, workload=ns.workload,
-                          prefill=ns.prefill, **extra)
+                          prefill=ns.prefill, cpu=ns.cpu, networks=ns.network, **extra)
     disks = "".join(f", disk {d['name']} {fmt_bytes(d['size_bytes'])}" for d in r.get("disks", []))
     emit(ns, r, f"created {r['name']} ({fmt_bytes(r['memory_bytes'])}{disks}, {r['workload']}): {r['state']}")
     return EXIT_OK
@@ -133,6 +133,8 @@ def migrate_args(ns) -> dict:
     """The "migrate" request: ``verify`` is always sent, None meaning the agent's migration.verify."""
     storage = {k: v for k, v in (("storage", ns.storage), ("storage_dest", ns.storage_dest), ("map", ns.map))
                if v}                                   # absent: the agent's default (auto)
+    if getattr(ns, "allow_network_change", False):
+        storage["allow_network_change"] = True
     return migration_args(ns, vm=ns.vm, to=ns.to, priority=ns.priority, verify=ns.verify, **storage)
 
 

@@ -127,6 +127,12 @@ def _add_vm(sub) -> None:
     cr.add_argument("name", help="VM name: 1-64 of A-Z a-z 0-9 _ -")
     cr.add_argument("--memory", default="256M", help="guest RAM size (default 256M; e.g. 1G)")
     cr.add_argument("--workload", default="idle", help="guest workload (default idle; e.g. uniform:rate=5000)")
+    cr.add_argument("--cpu", choices=("host", "compat"), default="host",
+                    help="the CPU the VM needs: host (this host's vendor and flags, the default) or compat "
+                         "(the vendor and the x86-64-v2 baseline: movable to older CPUs of that vendor)")
+    cr.add_argument("--network", action="append", default=[], metavar="NAME",
+                    help="a network the VM is connected to, repeatable (e.g. --network prod); a destination "
+                         "must be connected to it too ([host] networks)")
     cr.add_argument("--prefill", choices=("none", "random"), default="none",
                     help="fill guest RAM before the guest starts (random = incompressible, no zero pages)")
     cr.add_argument("--disk", action="append", default=[], type=disk_spec, metavar="NAME:SIZE[:PATH]",
@@ -195,6 +201,8 @@ def _add_migrate(sub) -> None:
                    help="only ask the destination whether it would take the VM now (memory, slots, name, "
                         "maintenance); creates nothing. Without --wait, migrate runs this check first anyway")
     m.add_argument("--priority", type=integer, default=0, help="higher leaves the queue first (default 0; e.g. 10)")
+    m.add_argument("--allow-network-change", action="store_true",
+                   help="move the VM even to a destination not connected to all of its networks")
     m.add_argument("--verify", choices=VERIFY_MODES, default=None,
                    help="how memory is proven equal: incremental (hashed while pages arrive) or full "
                         "(all of it hashed again); default: the agent's migration.verify")

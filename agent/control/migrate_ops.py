@@ -59,8 +59,16 @@ def migration_options(args: dict) -> dict:
         "max_bandwidth_mibps": _int_arg(args, "max_bandwidth_mibps", 0),
         "verify": verify,
         "priority": _int_arg(args, "priority", None) or 0,
+        "allow_network_change": _bool_arg(args, "allow_network_change"),
         **storage_options(args),
     }
+
+
+def _bool_arg(args: dict, key: str) -> bool:
+    value = args.get(key, False)
+    if not isinstance(value, bool):
+        raise AgentError(f"{key}: expected true/false, got {value!r}")
+    return value
 
 
 def storage_options(args: dict) -> dict:
@@ -94,7 +102,7 @@ def storage_options(args: dict) -> dict:
 
 
 def _section_options(opts: dict) -> dict:
-    return {k: opts[k] for k in ("storage", "storage_dest", "map")}
+    return {k: opts[k] for k in ("storage", "storage_dest", "map", "allow_network_change")}
 
 
 def storage_report(job: Job) -> dict:
@@ -176,7 +184,7 @@ class MigrateOps:
         target = _targets("migrate", args.get("to"))[0]
         vm = self.host.registry.get(args.get("vm"))
         self._check_movable(vm)
-        answer = await precheck(self.host, vm, target, opts["verify"])
+        answer = await precheck(self.host, vm, target, opts["verify"], options=_section_options(opts))
         return {"vm": vm.name, "memory_bytes": vm.record.memory_bytes, **answer,
                 "message": None if answer["ok"] else refusal_line(vm.name, answer)}
 
@@ -187,7 +195,7 @@ class MigrateOps:
         vm = self.host.registry.get(args.get("vm"))
         if args.get("check"):
             self._check_movable(vm)
-            answer = await precheck(self.host, vm, targets[0], opts["verify"])
+            answer = await precheck(self.host, vm, targets[0], opts["verify"], options=_section_options(opts))
             if not answer["ok"] and answer["code"] != ErrorCode.BUSY:
                 raise AgentError(refusal_line(vm.name, answer))
             self._refuse_if_stopping()

@@ -192,6 +192,7 @@ class VmOps:
         if name in reg:
             raise VmError(f"a VM named {name!r} already exists on {h.name}")
         disks = disk_specs(args, name, h.cfg.agent.data_dir, disk_owners(reg))
+        cpu, networks = _platform(args, h.cfg)
         check_workload(workload, memory_bytes, [d["size_bytes"] for d in disks])
         available = h.memory_available()
         if memory_bytes > available:
@@ -199,7 +200,8 @@ class VmOps:
                           f"{available / 2**20:.0f} MiB available")
         vm_id = Vm.new_id()
         ram = reg.create_segment(name, vm_id, memory_bytes)
-        vm = Vm(VmRecord(name=name, id=vm_id, memory_bytes=memory_bytes, workload=workload, segment=ram.name), ram)
+        vm = Vm(VmRecord(name=name, id=vm_id, memory_bytes=memory_bytes, workload=workload, segment=ram.name,
+                         cpu=cpu, networks=networks), ram)
         vm.on_release = reg.forget_segment
         added = False
         created: list[str] = []
@@ -336,3 +338,19 @@ class VmOps:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait([task], timeout=RESOLVER_CANCEL_WAIT_S)
+
+
+def _platform(args: dict, cfg) -> tuple[dict, list[str]]:
+    """The CPU (``cpu``: host | compat) and networks a new VM records (platform.py)."""
+    from agent.daemon.config import NAME_RE
+    from agent.daemon.platform import vm_cpu
+
+    mode = args.get("cpu") or "host"
+    try:
+        cpu = vm_cpu(mode, cfg)
+    except ValueError as exc:
+        raise VmError(str(exc)) from None
+    networks = args.get("networks") or []
+    if not isinstance(networks, list) or not all(isinstance(n, str) and NAME_RE.fullmatch(n) for n in networks):
+        raise VmError(f"networks: names of 1-64 of A-Z a-z 0-9 _ -, got {networks!r}")
+    return cpu, sorted(set(networks))

@@ -181,6 +181,20 @@ class StorageSection:
 
 
 @dataclass(frozen=True, slots=True)
+class HostSection:
+    # What this host offers VMs besides memory (agent/daemon/platform.py). Empty
+    # cpu_* = the machine's own (/proc/cpuinfo); set them to present another CPU
+    # (a lab simulating a heterogeneous cluster on one machine).
+    cpu_vendor: str = ""
+    cpu_flags: str = ""                  # space separated, e.g. "fpu sse sse2 ..."
+    networks: str = ""                   # comma separated networks this host is connected to
+
+    def __post_init__(self) -> None:
+        for n in (x.strip() for x in self.networks.split(",")):
+            _check(not n or NAME_RE.fullmatch(n) is not None, f"host.networks: {n!r} is not 1-64 of A-Z a-z 0-9 _ -")
+
+
+@dataclass(frozen=True, slots=True)
 class AgentConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     migration: MigrationSection = field(default_factory=MigrationSection)
@@ -190,6 +204,7 @@ class AgentConfig:
     control: ControlSection = field(default_factory=ControlSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
     storage: StorageSection = field(default_factory=StorageSection)
+    host: HostSection = field(default_factory=HostSection)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -210,7 +225,7 @@ class AgentConfig:
 _SECTIONS = {f.name: f.type for f in dataclasses.fields(AgentConfig)}
 _SECTION_TYPES = {"agent": AgentSection, "migration": MigrationSection, "limits": LimitsSection, "log": LogSection,
                   "security": SecuritySection, "control": ControlSection, "metrics": MetricsSection,
-                  "storage": StorageSection}
+                  "storage": StorageSection, "host": HostSection}
 
 
 def _coerce(section: str, key: str, value: Any, typ: type) -> Any:

@@ -67,6 +67,8 @@ class VmRecord:
     broken_reason: str = ""
     # The VM's disks, in index order: {"name", "path", "size_bytes", "attached"}.
     disks: list = field(default_factory=list)
+    cpu: dict | None = None           # {"mode": host|compat, "vendor", "flags"} (platform.py); None = any
+    networks: list = field(default_factory=list)
 
 
 class Vm:
@@ -260,6 +262,8 @@ class Vm:
             "io_writes": int(ctl.io_writes) if ctl else 0,
             "io_rate_wps": int(ctl.io_rate_wps) if ctl else 0,
             "disks": [disk_info(d) for d in r.disks],
+            "cpu": {"mode": r.cpu["mode"], "vendor": r.cpu["vendor"]} if r.cpu else None,
+            "networks": list(r.networks),
         }
         if self.ram is None:
             out["broken_reason"] = r.broken_reason

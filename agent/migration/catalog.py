@@ -11,6 +11,8 @@ import importlib
 import os
 
 from agent.migration import disk_section
+from agent.migration import platform_section
+from agent.migration.platform_section import PlatformIn, PlatformOut
 from agent.migration.ram import RamIn, RamOut
 from agent.migration.section import SectionRegistry
 
@@ -18,6 +20,8 @@ SECTIONS = SectionRegistry()
 SECTIONS.register("ram", lambda vm, stream, host, options: RamOut(vm, stream), lambda vm, host: RamIn(vm, host))
 SECTIONS.register(disk_section.NAME, disk_section.out_factory, disk_section.in_factory,
                   probe=disk_section.probe, plan=disk_section.plan)
+SECTIONS.register(platform_section.NAME, lambda vm, stream, host, options: PlatformOut(vm, options),
+                  lambda vm, host: PlatformIn(vm, host), probe=platform_section.probe)
 
 for _mod in filter(None, os.environ.get("LIVEMIG_TEST_SECTIONS", "").split(",")):
     importlib.import_module(_mod.strip())

@@ -20,13 +20,15 @@ from agent.net.peer import open_session
 
 
 async def precheck(host, vm, target: str, verify_mode: str | None = None,
-                   setup: dict[str, dict] | None = None) -> dict:
+                   setup: dict[str, dict] | None = None, options: dict | None = None) -> dict:
     """{"ok": bool, "destination", "agent", "reason", "code", "ms"}; never raises for a refusal.
     ``setup`` gives some sections' setup maps for the destination's probes
     (section.py ``probes``); the others get an empty map."""
     t0 = time.monotonic()
     h, p = parse_hostport(target)
-    setup = setup or {}
+    from agent.migration.platform_section import NAME as PLATFORM, platform_info
+
+    setup = {PLATFORM: platform_info(vm, options), **(setup or {})}    # CPU and networks are checked too
     names = tuple(SECTIONS.outgoing)
     out = {"ok": False, "destination": target, "agent": None, "reason": None, "code": None}
     conn = None
