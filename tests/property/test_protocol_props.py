@@ -13,7 +13,9 @@ from protocol import (
     MAGIC,
     MAX_INCOMPLETE_FRAME_BYTES,
     MAX_SECTIONS,
+    MAX_STREAMS,
     NEED_DATA,
+    NONCE_BYTES,
     PAGE_SIZE,
     PREFIX,
     PREFIX_SIZE,
@@ -30,6 +32,7 @@ from protocol import (
     ErrorCode,
     FrameDecoder,
     Hello,
+    Join,
     LocalProtocolError,
     Message,
     MigrationSession,
@@ -69,6 +72,9 @@ features = st.lists(st.text(max_size=24), max_size=8).map(tuple)
 nonce = st.binary(min_size=16, max_size=16)
 codes = st.sampled_from(list(ErrorCode))
 sections = st.integers(0, MAX_SECTIONS - 1)
+streams = st.integers(1, MAX_STREAMS)
+stream_index = st.integers(0, MAX_STREAMS - 1)
+tokens = st.binary(min_size=NONCE_BYTES, max_size=NONCE_BYTES)
 
 
 @st.composite
@@ -131,8 +137,9 @@ STRATEGIES: dict[MsgType, st.SearchStrategy[Message]] = {
         sections=st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=4, unique=True).map(tuple),
         setup=st.binary(max_size=64),
         verify_mode=st.sampled_from(sorted(VERIFY_MODES)),
+        streams=streams,
     ),
-    MsgType.READY: st.builds(Ready, migration_id=ids, prefault_ms=ints),
+    MsgType.READY: st.builds(Ready, migration_id=ids, prefault_ms=ints, streams=streams, token=tokens),
     MsgType.PAGE_BATCH: page_batches(),
     MsgType.ROUND_END: st.builds(RoundEnd, round=ints, pages_sent=ints, dirty_pages=ints),
     MsgType.STATE_TRANSFER: st.builds(StateTransfer, vcpu_state=st.binary(max_size=64), device_state=st.binary(max_size=64)),
@@ -148,6 +155,7 @@ STRATEGIES: dict[MsgType, st.SearchStrategy[Message]] = {
     MsgType.ABORT: st.builds(Abort, code=codes, reason=text),
     MsgType.ROUND_ACK: st.builds(RoundAck, round=ints),
     MsgType.SECTION_STATE: st.builds(SectionState, section=sections, data=st.binary(max_size=64)),
+    MsgType.JOIN: st.builds(Join, migration_id=ids, stream=stream_index, token=tokens),
 }
 messages = st.one_of(*STRATEGIES.values())
 
@@ -232,6 +240,54 @@ def test_chunking_does_not_change_events(msgs, sizes):
     assert _events(stream, sizes) == expected
 
 
+# -- v3 bounds ---------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**65), 2**65), tokens)
+def test_stream_counts_are_1_to_max_streams(n, token):
+    """Prepare.streams and Ready.streams: 1..MAX_STREAMS, nothing else."""
+    base = CANONICAL[MsgType.PREPARE].to_body()
+    for build in (lambda: Prepare.from_body({**base, "streams": n}),
+                  lambda: Ready(migration_id=MID, prefault_ms=0, streams=n, token=token)):
+        if 1 <= n <= MAX_STREAMS:
+            assert build().streams == n
+        else:
+            try:
+                build()
+            except (LocalProtocolError, RemoteProtocolError) as exc:
+                assert exc.code is ErrorCode.MALFORMED
+            else:
+                raise AssertionError(f"streams={n} accepted")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-(2**65), 2**65), tokens)
+def test_join_stream_is_0_to_max_streams_minus_1(n, token):
+    try:
+        join = Join(migration_id=MID, stream=n, token=token)
+    except LocalProtocolError as exc:
+        assert exc.code is ErrorCode.MALFORMED
+        assert not 0 <= n < MAX_STREAMS
+    else:
+        assert 0 <= n < MAX_STREAMS and join.stream == n
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=3 * NONCE_BYTES), st.sampled_from(["join", "ready"]))
+def test_tokens_are_exactly_nonce_bytes(token, kind):
+    try:
+        if kind == "join":
+            msg = Join(migration_id=MID, stream=0, token=token)
+        else:
+            msg = Ready(migration_id=MID, prefault_ms=0, streams=1, token=token)
+    except LocalProtocolError as exc:
+        assert exc.code is ErrorCode.MALFORMED and len(token) != NONCE_BYTES
+    else:
+        assert len(token) == NONCE_BYTES and msg.token == token
+        assert decode_body(parse_prefix(encode_frame(msg)), encode_frame(msg)[PREFIX_SIZE:]) == msg
+
+
 # -- garbage -------------------------------------------------------------------------
 
 
@@ -246,7 +302,7 @@ def garbage(draw) -> bytes:
         body = draw(st.binary(max_size=200))
         return PREFIX.pack(
             MAGIC,
-            draw(st.integers(0, 20)),
+            draw(st.integers(0, max(MsgType) + 1)),  # every type, and unknown ones on both sides
             draw(st.sampled_from([0, 0, 0, 1])),
             draw(st.one_of(st.just(len(body)), st.integers(0, 2**32 - 1))),
             draw(st.one_of(st.just(0), st.integers(0, 2**32 - 1))),
@@ -404,6 +460,50 @@ def test_every_state_message_pair_is_legal_or_an_error(state, role, sending, msg
     else:
         assert expected is not None, "illegal move accepted"
         assert session.state is expected
+
+
+#: What a data stream carries after its Join, written out from the spec
+#: (protocol/session.py's docstring), independently of TRANSITIONS.
+DATA_SENDS = {S: {MsgType.PAGE_BATCH, MsgType.ROUND_END, MsgType.ABORT}, D: {MsgType.ABORT}}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([S, D]), st.sampled_from([S, D]), messages)
+def test_data_stream_carries_only_pages(role, sender, msg):
+    """In DATA: PageBatch/RoundEnd from the source (stays DATA), Abort from
+    either (CLOSED); every other message, from either side, is UNEXPECTED."""
+    session = _session_in(SessionState.DATA, role)
+    action = session.send if sender is role else session.receive
+    if msg.TYPE in DATA_SENDS[sender]:
+        action(msg)
+        assert session.state is (SessionState.CLOSED if msg.TYPE is MsgType.ABORT else SessionState.DATA)
+        assert session.migration_id == MID  # set by the Join, untouched by what follows
+    else:
+        try:
+            action(msg)
+        except (LocalProtocolError, RemoteProtocolError) as exc:
+            assert exc.code is ErrorCode.UNEXPECTED
+            assert session.state is SessionState.ERROR
+        else:
+            raise AssertionError(f"{type(msg).__name__} from {sender.value} accepted in DATA")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(sorted(set(PATHS) - {SessionState.DATA}, key=lambda s: s.value)),
+    st.sampled_from([S, D]),
+    page_batches(),
+)
+def test_pages_are_refused_outside_data_streams(state, role, batch):
+    """v3: no state of the control conversation accepts a PageBatch, from either side."""
+    for sender in (S, D):
+        session = _session_in(state, role)
+        try:
+            (session.send if sender is role else session.receive)(batch)
+        except (LocalProtocolError, RemoteProtocolError) as exc:
+            assert exc.code is ErrorCode.UNEXPECTED
+        else:
+            raise AssertionError(f"PageBatch from {sender.value} accepted in {state.name}")
 
 
 @settings(max_examples=200, deadline=None)

@@ -17,6 +17,7 @@ from protocol import (
     Digests,
     ErrorCode,
     Hello,
+    Join,
     Message,
     MsgType,
     PageBatch,
@@ -40,6 +41,8 @@ SECTIONS = ("ram", "disk0", "devices")
 #: The example Prepare's setup blob: one msgpack map per section (opaque to
 #: the protocol, but realistic).
 SETUP = msgpack.packb([{"bytes": 256 * PAGE_SIZE}, {"bytes": 1 << 20}, {}])
+#: The example Ready's data-stream token, which the example Join carries back.
+TOKEN = bytes(range(16))
 
 
 def make_examples(migration_id: str = MIGRATION_ID) -> dict[MsgType, Message]:
@@ -77,8 +80,9 @@ def make_examples(migration_id: str = MIGRATION_ID) -> dict[MsgType, Message]:
             sections=SECTIONS,
             setup=SETUP,
             verify_mode="incremental",
+            streams=2,
         ),
-        Ready(migration_id=migration_id, prefault_ms=12),
+        Ready(migration_id=migration_id, prefault_ms=12, streams=2, token=TOKEN),
         PageBatch(
             section=1,
             round=3,
@@ -98,6 +102,7 @@ def make_examples(migration_id: str = MIGRATION_ID) -> dict[MsgType, Message]:
         Abort(code=ErrorCode.CANCELLED, reason="operator cancelled"),
         RoundAck(round=3),
         SectionState(section=2, data=b"\x00dev-regs\xff"),
+        Join(migration_id=migration_id, stream=1, token=TOKEN),  # stream 1 of Ready's 2
     ]
     table = {msg.TYPE: msg for msg in examples}
     assert len(table) == len(examples)

@@ -11,6 +11,7 @@ import pytest
 
 from protocol import (
     CLOSED,
+    DATA_STREAM_MAGIC,
     MAGIC,
     MAX_BATCH_RUNS,
     MAX_BLOB_BYTES,
@@ -230,6 +231,33 @@ def test_bad_magic_fails_fast_before_a_full_prefix(head):
     remote_error(ErrorCode.BAD_MAGIC, head)
 
 
+def test_data_stream_preamble_is_bad_magic_for_a_frame_decoder():
+    """A data stream (v3) sent where frames are expected -- to an old peer, or
+    past the endpoint's check -- fails at once instead of being buffered."""
+    join = make_examples()[MsgType.JOIN]
+    remote_error(ErrorCode.BAD_MAGIC, DATA_STREAM_MAGIC + encode_frame(join))
+    remote_error(ErrorCode.BAD_MAGIC, DATA_STREAM_MAGIC[:4])
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_prefix(DATA_STREAM_MAGIC + bytes(PREFIX_SIZE))
+    assert info.value.code is ErrorCode.BAD_MAGIC
+
+
+def test_join_is_an_ordinary_frame_after_the_preamble():
+    """After the 8-byte preamble, a data stream is frames like any other: Join, then batches."""
+    examples = make_examples()
+    join, batch_msg = examples[MsgType.JOIN], examples[MsgType.PAGE_BATCH]
+    payload = b"\x5a" * batch_msg.payload_len
+    stream = DATA_STREAM_MAGIC + encode_frame(join) + encode_frame(batch_msg) + payload
+    assert stream.startswith(DATA_STREAM_MAGIC)
+    decoder = FrameDecoder()
+    decoder.receive_data(stream[len(DATA_STREAM_MAGIC):])
+    decoder.receive_data(b"")
+    assert decoder.next_event() == join
+    assert decoder.next_event() == batch_msg
+    assert decoder.next_event() == Payload(payload)
+    assert decoder.next_event() is CLOSED
+
+
 @pytest.mark.parametrize("head", [b"L", b"LM", b"LMI", b"LMIG", b"LMIG\x00"])
 def test_good_partial_magic_waits(head):
     decoder = FrameDecoder()
@@ -289,7 +317,7 @@ def test_parse_prefix_short_input():
 def test_trailing_bytes_in_body():
     body = msgpack.packb(Committed().to_body()) + b"\x00"
     remote_error(ErrorCode.MALFORMED, raw_frame(MsgType.COMMITTED, body))
-    body = msgpack.packb(Ready(migration_id="m", prefault_ms=0).to_body()) + b"\xc0"
+    body = msgpack.packb(Ready(migration_id="m", prefault_ms=0, streams=1, token=bytes(16)).to_body()) + b"\xc0"
     remote_error(ErrorCode.MALFORMED, raw_frame(MsgType.READY, body))
 
 
@@ -337,7 +365,7 @@ def test_wrong_field_type_in_frame():
 
 
 def test_body_of_another_type():
-    body = msgpack.packb(Ready(migration_id="m", prefault_ms=0).to_body())
+    body = msgpack.packb(Ready(migration_id="m", prefault_ms=0, streams=1, token=bytes(16)).to_body())
     remote_error(ErrorCode.MALFORMED, raw_frame(MsgType.RESUME, body))
 
 

@@ -43,7 +43,9 @@ def test_known_features():
 
 def test_own_versions():
     assert 1 <= MIN_PROTOCOL_VERSION <= PROTOCOL_VERSION
-    assert MIN_PROTOCOL_VERSION == PROTOCOL_VERSION == 2  # v2 only: v1 peers are refused
+    # v3 only: a v2 peer sends its pages on the control connection, which a v3
+    # session refuses, so v1 and v2 peers are refused at the handshake.
+    assert MIN_PROTOCOL_VERSION == PROTOCOL_VERSION == 3
 
 
 #: What this build offers (as the agents build it from the wire constants).
@@ -52,54 +54,64 @@ OURS = Capabilities(
 )
 
 
-def v1_hello() -> Hello:
-    """A Hello from a v1-only source (the pre-v2 build), as it arrives on the wire."""
-    hello = Hello(version_min=1, version_max=1, agent="old-src:7070", features=("zero-pages",),
+def old_hello(version: int) -> Hello:
+    """A Hello from a source that speaks only ``version`` (an older build), as it arrives on the wire."""
+    hello = Hello(version_min=version, version_max=version, agent="old-src:7070", features=("zero-pages",),
                   max_live_migrations=4, nonce=CN)
     decoder = FrameDecoder()
     decoder.receive_data(encode_frame(hello))
     event = decoder.next_event()
-    assert event == hello and type(event) is Hello  # a v1 Hello still decodes: refusal is negotiation's job
+    assert event == hello and type(event) is Hello  # an old Hello still decodes: refusal is negotiation's job
     return event
 
 
-def test_v1_only_hello_is_refused_naming_both_ranges():
+@pytest.mark.parametrize("version", [1, 2], ids=["v1", "v2"])
+def test_old_only_hello_is_refused_naming_both_ranges(version):
     with pytest.raises(NegotiationFailed) as info:
-        negotiate(OURS, Capabilities.from_hello(v1_hello()))
+        negotiate(OURS, Capabilities.from_hello(old_hello(version)))
     err = info.value
     assert err.code is ErrorCode.VERSION_MISMATCH
-    assert "local offers 2" in err.reason and "remote offers 1" in err.reason
-    assert err.reason == "no common protocol version: local offers 2, remote offers 1"
+    assert "local offers 3" in err.reason and f"remote offers {version}" in err.reason
+    assert err.reason == f"no common protocol version: local offers 3, remote offers {version}"
     # the destination answers with a Reject carrying code and reason
     reject = Reject(code=err.code, reason=err.reason)
-    assert reject.code is ErrorCode.VERSION_MISMATCH and "remote offers 1" in reject.reason
+    assert reject.code is ErrorCode.VERSION_MISMATCH and f"remote offers {version}" in reject.reason
+
+
+def test_v2_to_v1_range_is_refused():
+    """A peer offering 1..2 (the last build that spoke both) shares nothing with v3."""
+    with pytest.raises(NegotiationFailed) as info:
+        negotiate(caps(1, 2), OURS)
+    assert info.value.code is ErrorCode.VERSION_MISMATCH
+    assert info.value.reason == "no common protocol version: local offers 1..2, remote offers 3"
 
 
 @pytest.mark.parametrize(
     "lo, hi, agreed",
-    [(1, 2, 2), (2, 2, 2), (1, 5, 2), (2, 3, 2)],
+    [(1, 3, 3), (2, 3, 3), (3, 3, 3), (1, 5, 3), (3, 4, 3)],
 )
-def test_peers_overlapping_v2_agree_on_v2(lo, hi, agreed):
+def test_peers_overlapping_v3_agree_on_v3(lo, hi, agreed):
     remote = caps(lo, hi, {"zero-pages"})
     assert negotiate(OURS, remote).version == agreed
     assert negotiate(remote, OURS).version == agreed
 
 
-def test_v3_only_peer_is_refused_naming_both_ranges():
+def test_v4_only_peer_is_refused_naming_both_ranges():
     with pytest.raises(NegotiationFailed) as info:
-        negotiate(OURS, caps(3, 4))
+        negotiate(OURS, caps(4, 5))
     assert info.value.code is ErrorCode.VERSION_MISMATCH
-    assert "local offers 2" in str(info.value) and "remote offers 3..4" in str(info.value)
+    assert "local offers 3" in str(info.value) and "remote offers 4..5" in str(info.value)
 
 
-def test_v1_welcome_is_refused_by_a_v2_source():
-    """Source side: a v1 destination that answered anyway (it picked 1)."""
+@pytest.mark.parametrize("version", [1, 2, 4])
+def test_welcome_of_another_version_is_refused_by_a_v3_source(version):
+    """Source side: an older (or newer) destination that answered anyway with its own version."""
     with pytest.raises(NegotiationFailed) as info:
-        accept_welcome(OURS, welcome(version=1, slots=2))
+        accept_welcome(OURS, welcome(version=version, slots=2))
     err = info.value
     assert err.code is ErrorCode.VERSION_MISMATCH
-    assert "version 1" in err.reason and "local offers 2" in err.reason
-    assert accept_welcome(OURS, welcome(version=2, slots=2)).version == 2
+    assert f"version {version}" in err.reason and "local offers 3" in err.reason
+    assert accept_welcome(OURS, welcome(version=3, slots=2)).version == 3
 
 
 @pytest.mark.parametrize(

@@ -9,13 +9,16 @@ import pytest
 
 from protocol import (
     CLOSED,
+    DATA_STREAM_MAGIC,
     MAGIC,
     MAX_BATCH_PAGES,
     MAX_BATCH_RUNS,
     MAX_BLOB_BYTES,
     MAX_FEATURES,
     MAX_SECTIONS,
+    MAX_STREAMS,
     MAX_STRING,
+    NONCE_BYTES,
     PAGE_SIZE,
     PREFIX,
     PREFIX_SIZE,
@@ -31,6 +34,7 @@ from protocol import (
     ErrorCode,
     FrameDecoder,
     Hello,
+    Join,
     LocalProtocolError,
     Message,
     MsgType,
@@ -78,8 +82,10 @@ def test_enum_values_are_distinct_ints(enum_cls):
 def test_spec_numbering():
     assert MsgType.HELLO == 1 and MsgType.ABORT == 17 and MsgType.ROUND_ACK == 18
     assert MsgType.SECTION_STATE == 19
+    assert MsgType.JOIN == 20  # v3: first frame of a data stream
+    assert [int(t) for t in MsgType] == list(range(1, 21))  # dense: no number reused or skipped
     assert ErrorCode.MALFORMED == 1 and ErrorCode.INCOMPATIBLE == 17
-    assert len(MsgType) == 19 and len(ErrorCode) == 17
+    assert len(MsgType) == 20 and len(ErrorCode) == 17
     assert BatchFlags.NONE == 0 and BatchFlags.ZERO == 1
 
 
@@ -92,17 +98,33 @@ def test_limits():
     assert wire.MIN_PROTOCOL_VERSION <= wire.PROTOCOL_VERSION
 
 
-def test_v2_constants():
-    assert wire.PROTOCOL_VERSION == wire.MIN_PROTOCOL_VERSION == 2  # v1 is no longer spoken
+def test_v3_constants():
+    assert wire.PROTOCOL_VERSION == wire.MIN_PROTOCOL_VERSION == 3  # v1 and v2 are no longer spoken
     assert MAX_SECTIONS == 64
     assert QUERY_STATES == {"running", "discarded", "in-progress", "unknown"}
     assert VERIFY_MODES == {"incremental", "full"}
+    assert wire.MAX_STREAMS == MAX_STREAMS == 8
+    assert wire.NONCE_BYTES == NONCE_BYTES == 16  # also the length of a Ready/Join token
 
 
-@pytest.mark.parametrize("name", ["SectionState", "MAX_SECTIONS", "QUERY_STATES", "VERIFY_MODES"])
-def test_v2_names_are_exported(name):
+def test_data_stream_magic():
+    assert wire.DATA_STREAM_MAGIC == DATA_STREAM_MAGIC == b"LMDATA3\n"
+    assert type(DATA_STREAM_MAGIC) is bytes
+    # The endpoint tells the two kinds of connection apart by their first
+    # bytes: a data stream's preamble must never start like a frame.
+    assert not DATA_STREAM_MAGIC.startswith(MAGIC) and DATA_STREAM_MAGIC[: len(MAGIC)] != MAGIC
+
+
+@pytest.mark.parametrize("name", ["SectionState", "MAX_SECTIONS", "QUERY_STATES", "VERIFY_MODES", "Join"])
+def test_v2_v3_names_are_exported(name):
     assert name in protocol.__all__
     assert getattr(protocol, name) is getattr(protocol.messages, name)
+
+
+@pytest.mark.parametrize("name", ["MAX_STREAMS", "DATA_STREAM_MAGIC"])
+def test_v3_wire_names_are_exported(name):
+    assert name in protocol.__all__ and name in wire.__all__
+    assert getattr(protocol, name) is getattr(wire, name)
 
 
 def test_all_exports_resolve():
@@ -241,6 +263,7 @@ PREPARE = dict(
     sections=("ram",),
     setup=msgpack.packb([{}]),
     verify_mode="full",
+    streams=1,
 )
 
 
@@ -353,7 +376,7 @@ def test_prepare_id_limits_inclusive():
 @pytest.mark.parametrize("mid", ["", "x" * 65])
 def test_migration_id_checked_everywhere(mid):
     with pytest.raises(LocalProtocolError):
-        Ready(migration_id=mid, prefault_ms=0)
+        Ready(migration_id=mid, prefault_ms=0, streams=1, token=bytes(16))
 
 
 @pytest.mark.parametrize(
@@ -647,7 +670,7 @@ def test_body_not_a_dict(body):
 
 
 def test_bool_is_not_an_int():
-    body = Ready(migration_id="m", prefault_ms=1).to_body()
+    body = Ready(migration_id="m", prefault_ms=1, streams=1, token=bytes(16)).to_body()
     body["prefault_ms"] = True
     _malformed(Ready, body)
     body = PageBatch(section=0, round=0, runs=((0, 1),), flags=BatchFlags.ZERO, payload_len=0).to_body()
@@ -656,7 +679,8 @@ def test_bool_is_not_an_int():
 
 
 def test_bytes_keys_are_unknown():
-    _malformed(Ready, {b"migration_id": "m", "prefault_ms": 1})
+    err = _malformed(Ready, {b"migration_id": "m", "prefault_ms": 1, "streams": 1, "token": bytes(16)})
+    assert "unknown keys b'migration_id'" in str(err) and "missing keys migration_id" in str(err)
 
 
 @pytest.mark.parametrize("runs", [[], [1], [0, 1, 2], [[0, 1]], [0, -1], "0,1"], ids=repr)
@@ -673,3 +697,184 @@ def test_page_batch_too_many_runs_on_wire():
 
 def test_unknown_error_code_on_wire():
     _malformed(Abort, {"code": 99, "reason": "x"})
+
+
+# -- v3: data streams (Prepare.streams, Ready.streams/token, Join) --------------------
+
+TOKEN = bytes(range(16))
+READY = dict(migration_id="m", prefault_ms=0, streams=1, token=TOKEN)
+JOIN = dict(migration_id="m", stream=0, token=TOKEN)
+#: int values that are not a streams count / stream index whatever the range
+NOT_INTS = [True, False, 1.0, "1", None, b"\x01"]
+#: bytes values that are not a 16-byte token
+BAD_TOKENS = [b"", TOKEN[:15], TOKEN + b"\x00", b"\x00" * 32, bytearray(TOKEN), memoryview(TOKEN),
+              TOKEN.decode("latin-1"), None, list(TOKEN)]
+
+
+@pytest.mark.parametrize("streams", range(1, MAX_STREAMS + 1))
+def test_prepare_streams_ok(streams):
+    prepare = Prepare(**{**PREPARE, "streams": streams})
+    assert prepare.streams == streams
+    assert prepare.to_body()["streams"] == streams
+    assert Prepare.from_body(prepare.to_body()) == prepare
+
+
+@pytest.mark.parametrize("streams", [0, MAX_STREAMS + 1, 64, -1, U64_MAX, U64_MAX + 1, *NOT_INTS], ids=repr)
+def test_prepare_streams_rejected(streams):
+    with pytest.raises(LocalProtocolError) as info:
+        Prepare(**{**PREPARE, "streams": streams})
+    assert info.value.code is ErrorCode.MALFORMED
+    assert "streams" in str(info.value)
+
+
+def test_prepare_streams_on_the_wire():
+    body = Prepare(**PREPARE).to_body()
+    assert "streams" in str(_malformed(Prepare, {**body, "streams": 0}))
+    assert str(MAX_STREAMS) in str(_malformed(Prepare, {**body, "streams": MAX_STREAMS + 1}))
+    v2_body = {k: v for k, v in body.items() if k != "streams"}  # what a v2 source sends
+    assert "missing keys streams" in str(_malformed(Prepare, v2_body))
+
+
+@pytest.mark.parametrize("streams", range(1, MAX_STREAMS + 1))
+def test_ready_streams_ok(streams):
+    ready = Ready(**{**READY, "streams": streams})
+    assert ready.streams == streams and ready.token == TOKEN
+
+
+def test_ready_round_trip():
+    ready = Ready(migration_id="mig-7", prefault_ms=12, streams=MAX_STREAMS, token=b"\xff" * NONCE_BYTES)
+    body = ready.to_body()
+    assert body == {"migration_id": "mig-7", "prefault_ms": 12, "streams": MAX_STREAMS, "token": b"\xff" * 16}
+    assert Ready.from_body(body) == ready
+    frame = encode_frame(ready)
+    assert parse_prefix(frame[:PREFIX_SIZE]).payload_len == 0  # the token is in the body
+    decoder = FrameDecoder()
+    decoder.receive_data(frame)
+    decoder.receive_data(b"")
+    assert decoder.next_event() == ready and decoder.next_event() is CLOSED
+    # a different token is a different Ready
+    assert ready != Ready(migration_id="mig-7", prefault_ms=12, streams=MAX_STREAMS, token=b"\xfe" * 16)
+
+
+@pytest.mark.parametrize("streams", [0, MAX_STREAMS + 1, -1, U64_MAX + 1, *NOT_INTS], ids=repr)
+def test_ready_streams_rejected(streams):
+    with pytest.raises(LocalProtocolError) as info:
+        Ready(**{**READY, "streams": streams})
+    assert info.value.code is ErrorCode.MALFORMED
+    assert "streams" in str(info.value) and "Ready" in str(info.value)
+
+
+@pytest.mark.parametrize("token", BAD_TOKENS, ids=lambda v: repr(v)[:24])
+def test_ready_token_rejected(token):
+    with pytest.raises(LocalProtocolError) as info:
+        Ready(**{**READY, "token": token})
+    assert info.value.code is ErrorCode.MALFORMED
+    assert "token" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"streams": 0}, ("streams",)),
+        ({"streams": MAX_STREAMS + 1}, ("streams", str(MAX_STREAMS))),
+        ({"token": b"\x00" * 15}, ("token", "16")),
+        ({"token": "x" * 16}, ("token",)),
+    ],
+    ids=repr,
+)
+def test_ready_v3_fields_malformed_on_the_wire(changes, words):
+    err = _malformed(Ready, {**Ready(**READY).to_body(), **changes})
+    assert all(word in str(err) for word in words), str(err)
+
+
+def test_v2_ready_is_malformed():
+    err = _malformed(Ready, {"migration_id": "m", "prefault_ms": 0})  # what a v2 destination sends
+    assert "streams" in str(err) and "token" in str(err)
+
+
+@pytest.mark.parametrize("stream", range(MAX_STREAMS))
+def test_join_streams_ok(stream):
+    join = Join(**{**JOIN, "stream": stream})
+    assert join.stream == stream
+
+
+def test_join_round_trip():
+    join = Join(migration_id="m" * 64, stream=MAX_STREAMS - 1, token=TOKEN)
+    assert join.TYPE is MsgType.JOIN and REGISTRY[MsgType.JOIN] is Join
+    body = join.to_body()
+    assert body == {"migration_id": "m" * 64, "stream": MAX_STREAMS - 1, "token": TOKEN}
+    assert Join.from_body(body) == join and type(Join.from_body(body)) is Join
+    frame = encode_frame(join)
+    prefix = parse_prefix(frame[:PREFIX_SIZE])
+    assert prefix.type is MsgType.JOIN and prefix.payload_len == 0
+    decoder = FrameDecoder()
+    decoder.receive_data(frame)
+    decoder.receive_data(b"")
+    assert decoder.next_event() == join and decoder.next_event() is CLOSED
+
+
+@pytest.mark.parametrize("stream", [MAX_STREAMS, MAX_STREAMS + 1, 255, -1, U64_MAX, U64_MAX + 1, *NOT_INTS], ids=repr)
+def test_join_stream_rejected(stream):
+    with pytest.raises(LocalProtocolError) as info:
+        Join(**{**JOIN, "stream": stream})
+    assert info.value.code is ErrorCode.MALFORMED
+    assert "stream" in str(info.value) and "Join" in str(info.value)
+
+
+@pytest.mark.parametrize("token", BAD_TOKENS, ids=lambda v: repr(v)[:24])
+def test_join_token_rejected(token):
+    with pytest.raises(LocalProtocolError) as info:
+        Join(**{**JOIN, "token": token})
+    assert info.value.code is ErrorCode.MALFORMED
+    assert "token" in str(info.value)
+
+
+@pytest.mark.parametrize("mid", ["", "x" * 65, b"m", None, 1], ids=repr)
+def test_join_migration_id_rejected(mid):
+    with pytest.raises(LocalProtocolError) as info:
+        Join(**{**JOIN, "migration_id": mid})
+    assert info.value.code is ErrorCode.MALFORMED
+    assert "migration_id" in str(info.value)
+
+
+def test_join_migration_id_limits_inclusive():
+    assert Join(**{**JOIN, "migration_id": "x"}).migration_id == "x"
+    assert Join(**{**JOIN, "migration_id": "ü" * 64}).migration_id == "ü" * 64
+
+
+@pytest.mark.parametrize(
+    "changes, word",
+    [
+        ({"stream": MAX_STREAMS}, "stream"),
+        ({"stream": -1}, "stream"),
+        ({"token": b""}, "token"),
+        ({"migration_id": ""}, "migration_id"),
+        ({"round": 0}, "round"),  # a PageBatch key: unknown here
+    ],
+    ids=repr,
+)
+def test_join_malformed_on_the_wire(changes, word):
+    assert word in str(_malformed(Join, {**Join(**JOIN).to_body(), **changes}))
+
+
+@pytest.mark.parametrize(
+    "msg_type, good, bad",
+    [
+        (MsgType.JOIN, dict(JOIN), {**JOIN, "stream": MAX_STREAMS}),
+        (MsgType.JOIN, dict(JOIN), {**JOIN, "token": TOKEN[:8]}),
+        (MsgType.READY, dict(READY), {**READY, "streams": 0}),
+        (MsgType.READY, dict(READY), {**READY, "token": TOKEN * 2}),
+        (MsgType.PREPARE, Prepare(**PREPARE).to_body(), {**Prepare(**PREPARE).to_body(), "streams": MAX_STREAMS + 1}),
+    ],
+    ids=["join-stream", "join-token", "ready-streams", "ready-token", "prepare-streams"],
+)
+def test_invalid_v3_values_are_malformed_when_decoding_a_frame(msg_type, good, bad):
+    """The whole input path (FrameDecoder), not only from_body."""
+    decoder = FrameDecoder()
+    decoder.receive_data(_raw_frame(msg_type, good))
+    assert type(decoder.next_event()) is REGISTRY[msg_type]
+    decoder = FrameDecoder()
+    decoder.receive_data(_raw_frame(msg_type, bad))
+    with pytest.raises(RemoteProtocolError) as info:
+        decoder.next_event()
+    assert info.value.code is ErrorCode.MALFORMED

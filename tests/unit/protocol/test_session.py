@@ -15,6 +15,7 @@ from protocol import (
     Digests,
     ErrorCode,
     FrameDecoder,
+    Join,
     LocalProtocolError,
     Message,
     MigrationSession,
@@ -86,6 +87,7 @@ SENDER = {
     MsgType.QUERY_RESULT: D,
     MsgType.ROUND_ACK: D,
     MsgType.SECTION_STATE: S,
+    MsgType.JOIN: S,
 }
 
 _T = MsgType
@@ -106,6 +108,7 @@ PATHS = {
     St.COMMITTING: (False, _MIGRATE[:8]),
     St.COMMIT_SENT: (False, _MIGRATE),
     St.CLOSED: (False, [*_MIGRATE, _T.COMMITTED]),
+    St.DATA: (False, [_T.JOIN]),  # a data stream: Join instead of Hello
 }
 
 
@@ -161,6 +164,16 @@ def test_senders_match_table():
 
 def test_abortable_states():
     assert ABORTABLE_STATES == set(SessionState) - {St.HELLO, St.WELCOME, St.CLOSED, St.ERROR}
+    assert St.DATA in ABORTABLE_STATES  # a data stream can be given up from either end
+
+
+def test_pages_only_on_data_streams():
+    """v3: PageBatch is legal in DATA only, and only from the source."""
+    assert {(role, state) for (role, state, t) in TRANSITIONS if t is _T.PAGE_BATCH} == {(S, St.DATA)}
+    assert (S, St.TRANSFER, _T.PAGE_BATCH) not in TRANSITIONS
+    # the only ways out of a data stream are Abort (and EOF, outside the table)
+    assert {new for (_, state, _), new in TRANSITIONS.items() if state is St.DATA} == {St.DATA, St.CLOSED}
+    assert {state for (_, state, t), new in TRANSITIONS.items() if new is St.DATA} == {St.HELLO, St.DATA}
 
 
 def test_verifying_state_is_gone():
@@ -169,9 +182,9 @@ def test_verifying_state_is_gone():
     assert "verifying" not in {state.value for state in SessionState}
 
 
-#: Every non-Abort move of protocol v2, written out independently of the
+#: Every non-Abort move of protocol v3, written out independently of the
 #: table under test (S = source sends, D = destination sends).
-V2_MOVES = {
+V3_MOVES = {
     (S, St.HELLO, _T.HELLO): St.WELCOME,
     (D, St.WELCOME, _T.WELCOME): St.AUTH,
     (D, St.WELCOME, _T.REJECT): St.CLOSED,
@@ -183,7 +196,6 @@ V2_MOVES = {
     (S, St.IDLE, _T.PREPARE): St.PREPARING,
     (D, St.PREPARING, _T.READY): St.TRANSFER,
     (D, St.PREPARING, _T.REJECT): St.CLOSED,
-    (S, St.TRANSFER, _T.PAGE_BATCH): St.TRANSFER,
     (S, St.TRANSFER, _T.ROUND_END): St.TRANSFER,
     (S, St.TRANSFER, _T.SECTION_STATE): St.TRANSFER,
     (D, St.TRANSFER, _T.ROUND_ACK): St.TRANSFER,
@@ -195,12 +207,16 @@ V2_MOVES = {
     (D, St.RESUMING, _T.RESUMED): St.COMMITTING,
     (S, St.COMMITTING, _T.COMMIT): St.COMMIT_SENT,
     (D, St.COMMIT_SENT, _T.COMMITTED): St.CLOSED,
+    # a data stream (its own connection): Join, then pages and round ends
+    (S, St.HELLO, _T.JOIN): St.DATA,
+    (S, St.DATA, _T.PAGE_BATCH): St.DATA,
+    (S, St.DATA, _T.ROUND_END): St.DATA,
 }
 
 
-def test_table_is_exactly_the_v2_order():
+def test_table_is_exactly_the_v3_order():
     moves = {key: new for key, new in TRANSITIONS.items() if key[2] is not _T.ABORT}
-    assert moves == V2_MOVES
+    assert moves == V3_MOVES
     aborts = {key: new for key, new in TRANSITIONS.items() if key[2] is _T.ABORT}
     assert aborts == {(role, state, _T.ABORT): St.CLOSED for role in Role for state in ABORTABLE_STATES}
 
@@ -208,40 +224,167 @@ def test_table_is_exactly_the_v2_order():
 # -- happy paths -----------------------------------------------------------------
 
 
+def data_stream(join: Join) -> Pair:
+    """A data-stream pair after its Join (a connection of its own, no Hello)."""
+    pair = Pair()
+    assert pair.state is St.HELLO
+    assert pair.send(S, join) is St.DATA
+    assert pair.sessions[S].migration_id == pair.sessions[D].migration_id == join.migration_id
+    return pair
+
+
 @pytest.mark.parametrize("auth", [False, True])
 def test_full_migration(examples, auth):
-    pair = Pair(auth_required=auth)
-    assert pair.state is St.HELLO
-    assert pair.send(S, examples[_T.HELLO]) is St.WELCOME
-    assert pair.send(D, examples[_T.WELCOME]) is (St.AUTH if auth else St.IDLE)
+    control = Pair(auth_required=auth)
+    assert control.state is St.HELLO
+    assert control.send(S, examples[_T.HELLO]) is St.WELCOME
+    assert control.send(D, examples[_T.WELCOME]) is (St.AUTH if auth else St.IDLE)
     if auth:
-        assert pair.send(S, examples[_T.AUTH]) is St.IDLE
-    assert pair.send(S, examples[_T.PREPARE]) is St.PREPARING
-    assert pair.sessions[S].migration_id == pair.sessions[D].migration_id == "mig-0001"
-    assert pair.send(D, examples[_T.READY]) is St.TRANSFER
-    sections = examples[_T.PREPARE].sections
+        assert control.send(S, examples[_T.AUTH]) is St.IDLE
+    prepare = examples[_T.PREPARE]
+    assert control.send(S, prepare) is St.PREPARING
+    assert control.sessions[S].migration_id == control.sessions[D].migration_id == "mig-0001"
+    ready = examples[_T.READY]
+    assert 1 <= ready.streams <= prepare.streams
+    assert control.send(D, ready) is St.TRANSFER
+    # v3: the pages travel on Ready.streams data streams, each opened with a
+    # Join carrying Ready's token; the control connection never sees a page.
+    streams = [
+        data_stream(Join(migration_id=ready.migration_id, stream=i, token=ready.token)) for i in range(ready.streams)
+    ]
+    sections = prepare.sections
     for rnd in range(3):
         for section in range(len(sections)):
-            batch = PageBatch(
-                section=section, round=rnd, runs=((0, 2), (9, 1)), flags=BatchFlags.NONE, payload_len=3 * PAGE_SIZE
-            )
-            assert pair.send(S, batch, b"\xab" * batch.payload_len) is St.TRANSFER
-            zero = PageBatch(section=section, round=rnd, runs=((100, 50),), flags=BatchFlags.ZERO, payload_len=0)
-            assert pair.send(S, zero) is St.TRANSFER
-        assert pair.send(S, RoundEnd(round=rnd, pages_sent=53, dirty_pages=3 - rnd)) is St.TRANSFER
-        assert pair.send(D, RoundAck(round=rnd)) is St.TRANSFER
+            for i, stream in enumerate(streams):
+                first = 1024 * i
+                batch = PageBatch(section=section, round=rnd, runs=((first, 2), (first + 9, 1)),
+                                  flags=BatchFlags.NONE, payload_len=3 * PAGE_SIZE)
+                assert stream.send(S, batch, b"\xab" * batch.payload_len) is St.DATA
+                zero = PageBatch(section=section, round=rnd, runs=((first + 100, 50),), flags=BatchFlags.ZERO,
+                                 payload_len=0)
+                assert stream.send(S, zero) is St.DATA
+        # every data stream ends its part of the round, then the control stream
+        for stream in streams:
+            sent = 53 * len(sections)
+            assert stream.send(S, RoundEnd(round=rnd, pages_sent=sent, dirty_pages=3 - rnd)) is St.DATA
+        total = 53 * len(sections) * len(streams)
+        assert control.send(S, RoundEnd(round=rnd, pages_sent=total, dirty_pages=3 - rnd)) is St.TRANSFER
+        assert control.send(D, RoundAck(round=rnd)) is St.TRANSFER
     # at the pause: each section's own state, then the vCPU state
     for section in range(len(sections)):
-        assert pair.send(S, SectionState(section=section, data=b"state %d" % section)) is St.TRANSFER
-    assert pair.send(S, examples[_T.STATE_TRANSFER]) is St.SWITCHOVER
+        assert control.send(S, SectionState(section=section, data=b"state %d" % section)) is St.TRANSFER
+    assert control.send(S, examples[_T.STATE_TRANSFER]) is St.SWITCHOVER
     # verification before resume: one Digests per section, guest still paused
     for section in range(len(sections)):
         digests = Digests(section=section, chunk_pages=16, digests=bytes([section]) * 32)
-        assert pair.send(D, digests) is St.SWITCHOVER
-    assert pair.send(S, examples[_T.RESUME]) is St.RESUMING
-    assert pair.send(D, examples[_T.RESUMED]) is St.COMMITTING
-    assert pair.send(S, examples[_T.COMMIT]) is St.COMMIT_SENT
-    assert pair.send(D, examples[_T.COMMITTED]) is St.CLOSED
+        assert control.send(D, digests) is St.SWITCHOVER
+    assert control.send(S, examples[_T.RESUME]) is St.RESUMING
+    assert control.send(D, examples[_T.RESUMED]) is St.COMMITTING
+    assert control.send(S, examples[_T.COMMIT]) is St.COMMIT_SENT
+    assert control.send(D, examples[_T.COMMITTED]) is St.CLOSED
+    # the data streams end with EOF: still in DATA, each for this migration
+    for stream in streams:
+        assert stream.state is St.DATA
+        assert stream.sessions[D].migration_id == control.sessions[D].migration_id
+
+
+def test_page_batch_on_the_control_connection_is_refused(examples):
+    """v3: a v2-style source sending pages after Ready is refused (UNEXPECTED) on both ends."""
+    pair = drive(St.TRANSFER, examples)
+    assert pair.send(S, RoundEnd(round=0, pages_sent=0, dirty_pages=0)) is St.TRANSFER  # RoundEnd stays
+    expect_unexpected(pair, S, examples[_T.PAGE_BATCH], St.TRANSFER)
+    zero = PageBatch(section=0, round=0, runs=((0, 1),), flags=BatchFlags.ZERO, payload_len=0)
+    pair = drive(St.TRANSFER, examples)
+    expect_unexpected(pair, S, zero, St.TRANSFER)
+
+
+# -- data streams ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("auth", [False, True])
+def test_data_stream(examples, auth):
+    """Join first (no Hello, no Auth: the token is the credential), then pages and round ends."""
+    pair = Pair(auth_required=auth)
+    join = examples[_T.JOIN]
+    assert pair.send(S, join) is St.DATA
+    assert pair.sessions[S].migration_id == pair.sessions[D].migration_id == join.migration_id
+    for rnd in range(4):
+        batch = PageBatch(section=0, round=rnd, runs=((rnd, 1),), flags=BatchFlags.NONE, payload_len=PAGE_SIZE)
+        assert pair.send(S, batch, bytes([rnd]) * PAGE_SIZE) is St.DATA
+        assert pair.send(S, examples[_T.PAGE_BATCH], b"\0" * examples[_T.PAGE_BATCH].payload_len) is St.DATA
+        assert pair.send(S, RoundEnd(round=rnd, pages_sent=7, dirty_pages=0)) is St.DATA
+    assert pair.send(S, RoundEnd(round=4, pages_sent=0, dirty_pages=0)) is St.DATA  # an empty part of a round
+    assert pair.sessions[S].migration_id == join.migration_id  # pages carry no id: it stays the Join's
+    with pytest.raises(LocalProtocolError):
+        pair.sessions[S].set_auth_required(not auth)  # no auth step on a data stream
+    assert pair.state is St.DATA
+
+
+def test_join_sets_the_migration_id(example_factory):
+    for mid in ("a", "mig-other", "x" * 64):
+        pair = Pair()
+        pair.send(S, example_factory(mid)[_T.JOIN])
+        assert pair.sessions[S].migration_id == pair.sessions[D].migration_id == mid
+
+
+def test_data_stream_allows_only_pages(examples):
+    pair = drive(St.DATA, examples)
+    source, dest = pair.sessions[S], pair.sessions[D]
+    assert source.allowed_to_send() == {_T.PAGE_BATCH, _T.ROUND_END, _T.ABORT} == dest.allowed_to_receive()
+    assert dest.allowed_to_send() == {_T.ABORT} == source.allowed_to_receive()
+
+
+@pytest.mark.parametrize(
+    "sender, msg_type",
+    [
+        (S, _T.HELLO),  # a data stream never becomes a control connection
+        (S, _T.PREPARE),
+        (S, _T.QUERY),
+        (S, _T.JOIN),  # Join twice
+        (S, _T.AUTH),
+        (S, _T.SECTION_STATE),  # control messages stay on the control connection
+        (S, _T.STATE_TRANSFER),
+        (S, _T.RESUME),
+        (S, _T.COMMIT),
+        (D, _T.WELCOME),
+        (D, _T.READY),
+        (D, _T.ROUND_ACK),  # acks travel on the control connection
+        (D, _T.DIGESTS),
+        (D, _T.REJECT),
+        (D, _T.PAGE_BATCH),  # wrong direction
+        (D, _T.ROUND_END),
+        (D, _T.JOIN),
+    ],
+    ids=lambda v: getattr(v, "name", None) or str(v),
+)
+def test_data_stream_refuses(sender, msg_type, examples):
+    expect_unexpected(drive(St.DATA, examples), sender, examples[msg_type], St.DATA)
+
+
+def test_second_join_refused_even_for_the_same_stream(examples):
+    pair = drive(St.DATA, examples)
+    expect_unexpected(pair, S, examples[_T.JOIN], St.DATA)
+    pair = drive(St.DATA, examples)
+    other = Join(migration_id="mig-other", stream=0, token=bytes(16))
+    expect_unexpected(pair, S, other, St.DATA)
+
+
+@pytest.mark.parametrize("sender", [S, D], ids=lambda r: r.value)
+def test_abort_from_data_closes(sender, examples):
+    pair = drive(St.DATA, examples)
+    pair.send(S, examples[_T.PAGE_BATCH], b"\0" * examples[_T.PAGE_BATCH].payload_len)
+    assert pair.send(sender, Abort(code=ErrorCode.TIMEOUT, reason="stream stalled")) is St.CLOSED
+    # nothing more on a closed data stream, not even a late page
+    expect_unexpected(pair, S, examples[_T.PAGE_BATCH], St.CLOSED)
+
+
+@pytest.mark.parametrize(
+    "state", [St.WELCOME, St.AUTH, St.IDLE, St.PREPARING, St.TRANSFER, St.SWITCHOVER, St.CLOSED],
+    ids=lambda s: s.name,
+)
+def test_join_only_as_first_frame(state, examples):
+    """Join opens a connection: once a control conversation started it is refused."""
+    expect_unexpected(drive(state, examples), S, examples[_T.JOIN], state)
 
 
 def test_resume_without_digests_only_after_state_transfer(examples):
@@ -407,7 +550,12 @@ def test_abort_not_allowed(state, sender, examples):
         (St.AUTH, S, _T.PREPARE),  # auth required but skipped
         (St.IDLE, D, _T.READY),  # Ready without Prepare
         (St.PREPARING, S, _T.PAGE_BATCH),  # before Ready
+        (St.TRANSFER, S, _T.PAGE_BATCH),  # v3: pages only on a data stream
         (St.TRANSFER, D, _T.PAGE_BATCH),  # wrong direction
+        (St.HELLO, S, _T.PAGE_BATCH),  # pages before Join
+        (St.HELLO, S, _T.ROUND_END),  # round end before Join
+        (St.HELLO, D, _T.JOIN),  # wrong direction
+        (St.TRANSFER, S, _T.JOIN),  # Join on the control connection
         (St.TRANSFER, S, _T.RESUME),  # Resume before the vCPU state
         (St.TRANSFER, D, _T.DIGESTS),  # digests before the pause
         (St.TRANSFER, D, _T.SECTION_STATE),  # wrong direction
@@ -445,7 +593,7 @@ def test_failed_send_produces_no_bytes_and_keeps_error(examples):
         session.set_auth_required(True)
 
 
-@pytest.mark.parametrize("msg", [Ready(migration_id="other", prefault_ms=0)], ids=["Ready"])
+@pytest.mark.parametrize("msg", [Ready(migration_id="other", prefault_ms=0, streams=1, token=bytes(16))], ids=["Ready"])
 def test_migration_id_must_match(msg, examples):
     pair = drive(St.PREPARING, examples)
     with pytest.raises(LocalProtocolError) as info:
@@ -483,11 +631,12 @@ def test_role_must_be_role():
 
 def test_allowed_sets(examples):
     source, dest = MigrationSession(S), MigrationSession(D)
-    assert source.allowed_to_send() == {_T.HELLO} == dest.allowed_to_receive()
+    # a new connection: Hello (control) or Join (data stream)
+    assert source.allowed_to_send() == {_T.HELLO, _T.JOIN} == dest.allowed_to_receive()
     assert source.allowed_to_receive() == frozenset() == dest.allowed_to_send()
     pair = drive(St.TRANSFER, examples)
     assert pair.sessions[S].allowed_to_send() == {
-        _T.PAGE_BATCH, _T.ROUND_END, _T.SECTION_STATE, _T.STATE_TRANSFER, _T.ABORT
+        _T.ROUND_END, _T.SECTION_STATE, _T.STATE_TRANSFER, _T.ABORT
     }
     assert pair.sessions[S].allowed_to_receive() == {_T.ROUND_ACK, _T.ABORT}
     assert pair.sessions[D].allowed_to_send() == {_T.ROUND_ACK, _T.ABORT}
