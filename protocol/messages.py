@@ -42,6 +42,7 @@ from .wire import (
     MAX_ID_CHARS,
     MAX_STRING,
     NONCE_BYTES,
+    MAX_STREAMS,
     PAGE_SIZE,
     PROOF_BYTES,
     U64_MAX,
@@ -71,6 +72,7 @@ __all__ = [
     "Abort",
     "RoundAck",
     "SectionState",
+    "Join",
     "QUERY_STATES",
     "VERIFY_MODES",
     "MAX_SECTIONS",
@@ -404,6 +406,8 @@ class Prepare(Message):
     setup: bytes
     #: "incremental" or "full" (see VERIFY_MODES)
     verify_mode: str
+    #: data streams the source can use (1..MAX_STREAMS); Ready grants at most this
+    streams: int
 
     def _check(self) -> None:
         _check_id(self, "migration_id", self.migration_id)
@@ -416,19 +420,51 @@ class Prepare(Message):
             raise _fail(self, f"sections must be 1..{MAX_SECTIONS} distinct names")
         if self.verify_mode not in VERIFY_MODES:
             raise _fail(self, f"verify_mode={self.verify_mode!r} is not one of {sorted(VERIFY_MODES)}")
+        if not 1 <= self.streams <= MAX_STREAMS:
+            raise _fail(self, f"streams={self.streams} must be 1..{MAX_STREAMS}")
 
 
 @_register
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Ready(Message):
-    """DESTINATION -> SOURCE: the shell is ready, send pages."""
+    """DESTINATION -> SOURCE: the shell is ready, send pages.
+
+    The pages travel on ``streams`` data connections the source opens to the
+    same endpoint, each starting with DATA_STREAM_MAGIC (then TLS) and a
+    Join carrying ``token``: a secret only this authenticated connection saw.
+    """
 
     TYPE: ClassVar[MsgType] = MsgType.READY
     migration_id: str
     prefault_ms: int
+    #: data streams granted (1..Prepare.streams)
+    streams: int
+    #: the Join token of this migration's data streams (NONCE_BYTES random bytes)
+    token: bytes
 
     def _check(self) -> None:
         _check_id(self, "migration_id", self.migration_id)
+        if not 1 <= self.streams <= MAX_STREAMS:
+            raise _fail(self, f"streams={self.streams} must be 1..{MAX_STREAMS}")
+        _check_len(self, "token", self.token, NONCE_BYTES)
+
+
+@_register
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Join(Message):
+    """SOURCE -> DESTINATION, first frame of a data stream: it carries pages
+    of migration ``migration_id`` as stream ``stream`` (0-based) of Ready.streams."""
+
+    TYPE: ClassVar[MsgType] = MsgType.JOIN
+    migration_id: str
+    stream: int
+    token: bytes
+
+    def _check(self) -> None:
+        _check_id(self, "migration_id", self.migration_id)
+        if not 0 <= self.stream < MAX_STREAMS:
+            raise _fail(self, f"stream={self.stream} must be 0..{MAX_STREAMS - 1}")
+        _check_len(self, "token", self.token, NONCE_BYTES)
 
 
 @_register

@@ -14,7 +14,8 @@ Rules:
    not required.  ``set_auth_required`` may change the decision until the
    first message after Welcome.
 3. ``Ready``/``Resume``/``Commit`` must carry the ``migration_id`` of the
-   ``Prepare``; ``QueryResult`` that of the ``Query``.
+   ``Prepare``; ``QueryResult`` that of the ``Query``. A data stream's
+   ``Join`` sets it too (nothing later on a data stream carries one).
 4. A message not in the table: ``send`` raises ``LocalProtocolError``,
    ``receive`` raises ``RemoteProtocolError(UNEXPECTED)``; either way the
    session moves to ``ERROR`` and every later ``send``/``receive`` raises.
@@ -31,7 +32,7 @@ The conversation (S = SOURCE, connects; D = DESTINATION, accepts)::
     IDLE       --S Query-->         QUERYING    --D QueryResult | Reject--> CLOSED
     IDLE       --S Prepare-->       PREPARING   --D Reject--> CLOSED
     PREPARING  --D Ready-->         TRANSFER
-    TRANSFER   --S PageBatch | RoundEnd--> TRANSFER
+    TRANSFER   --S RoundEnd-->      TRANSFER
     TRANSFER   --D RoundAck-->      TRANSFER      (the round's pages are in memory;
                                                    also seen late in SWITCHOVER/RESUMING)
     TRANSFER   --S SectionState-->  TRANSFER
@@ -42,6 +43,20 @@ The conversation (S = SOURCE, connects; D = DESTINATION, accepts)::
     COMMITTING --S Commit-->        COMMIT_SENT
     COMMIT_SENT --D Committed-->    CLOSED
     any state from AUTH to COMMIT_SENT --S or D Abort--> CLOSED
+
+A data stream (protocol v3) is a connection of its own that begins with
+DATA_STREAM_MAGIC, then TLS, then Join instead of Hello; it carries the
+pages, never the control messages::
+
+    HELLO      --S Join-->          DATA
+    DATA       --S PageBatch | RoundEnd--> DATA     (RoundEnd: this stream's
+                                                   part of the round is sent)
+    DATA       --S or D Abort-->    CLOSED
+
+Pages never travel on the control connection: a page is always sent on the
+data stream of its chunk, so a newer copy can never overtake an older one,
+and the control stream's RoundEnd/StateTransfer are acted on only once
+every data stream has delivered its own RoundEnd of that round.
 
 Verification comes before resume (protocol v2): the destination's guest
 starts only on Resume, and the source sends Resume only after every
@@ -97,7 +112,7 @@ class SessionState(enum.Enum):
     IDLE = "idle"
     #: Prepare sent; DESTINATION answers Ready or Reject
     PREPARING = "preparing"
-    #: SOURCE sends PageBatch/RoundEnd, then StateTransfer
+    #: SOURCE sends RoundEnd (its pages travel on data streams), then StateTransfer
     TRANSFER = "transfer"
     #: StateTransfer sent; DESTINATION sends Digests, SOURCE then Resume
     SWITCHOVER = "switchover"
@@ -109,6 +124,8 @@ class SessionState(enum.Enum):
     COMMIT_SENT = "commit-sent"
     #: Query sent; DESTINATION answers QueryResult or Reject
     QUERYING = "querying"
+    #: a data stream after Join: SOURCE sends PageBatch/RoundEnd
+    DATA = "data"
     #: conversation over (Committed, QueryResult, Reject or Abort)
     CLOSED = "closed"
     #: a bad send/receive happened; the session refuses further use
@@ -132,6 +149,7 @@ ABORTABLE_STATES: Final = frozenset(
         _St.RESUMING,
         _St.COMMITTING,
         _St.COMMIT_SENT,
+        _St.DATA,
     }
 )
 
@@ -148,8 +166,10 @@ TRANSITIONS: Final[Mapping[tuple[Role, SessionState, MsgType], SessionState]] = 
     (_S, _St.IDLE, _T.PREPARE): _St.PREPARING,
     (_D, _St.PREPARING, _T.READY): _St.TRANSFER,
     (_D, _St.PREPARING, _T.REJECT): _St.CLOSED,
-    (_S, _St.TRANSFER, _T.PAGE_BATCH): _St.TRANSFER,
     (_S, _St.TRANSFER, _T.ROUND_END): _St.TRANSFER,
+    (_S, _St.HELLO, _T.JOIN): _St.DATA,
+    (_S, _St.DATA, _T.PAGE_BATCH): _St.DATA,
+    (_S, _St.DATA, _T.ROUND_END): _St.DATA,
     (_D, _St.TRANSFER, _T.ROUND_ACK): _St.TRANSFER,
     # The destination acks in TRANSFER, but the source may already have sent
     # StateTransfer/Resume when the ack of its last round arrives.
@@ -174,7 +194,7 @@ TRANSITIONS: Final[Mapping[tuple[Role, SessionState, MsgType], SessionState]] = 
 
 #: Messages whose migration_id must equal the one set by Prepare/Query.
 _SAME_ID: Final = frozenset({_T.READY, _T.RESUME, _T.COMMIT, _T.QUERY_RESULT})
-_SETS_ID: Final = frozenset({_T.PREPARE, _T.QUERY})
+_SETS_ID: Final = frozenset({_T.PREPARE, _T.QUERY, _T.JOIN})
 _AUTH_WINDOW: Final = frozenset({_St.HELLO, _St.WELCOME, _St.AUTH, _St.IDLE})
 
 

@@ -25,6 +25,8 @@ __all__ = [
     "MAX_FEATURES",
     "MAX_ID_CHARS",
     "NONCE_BYTES",
+    "MAX_STREAMS",
+    "DATA_STREAM_MAGIC",
     "PROOF_BYTES",
     "DIGEST_BYTES",
     "U64_MAX",
@@ -34,9 +36,9 @@ __all__ = [
 ]
 
 #: Highest protocol version this implementation speaks.
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3
 #: Lowest protocol version this implementation still speaks.
-MIN_PROTOCOL_VERSION: Final = 2
+MIN_PROTOCOL_VERSION: Final = 3
 
 #: First four bytes of every frame.  Anything else (an HTTP request, TLS
 #: ClientHello, port scanner garbage) fails with ``ErrorCode.BAD_MAGIC``.
@@ -63,6 +65,11 @@ MAX_FEATURES: Final = 64
 MAX_ID_CHARS: Final = 64
 #: Handshake nonce length.
 NONCE_BYTES: Final = 16
+#: Most data streams of one migration (``Prepare.streams``).
+MAX_STREAMS: Final = 8
+#: First bytes of a data-stream connection, before TLS: the endpoint reads
+#: them to tell a data stream (served by a thread) from a control connection.
+DATA_STREAM_MAGIC: Final = b"LMDATA3\n"
 #: HMAC-SHA256 proof length.
 PROOF_BYTES: Final = 32
 #: One xxh3-128 digest.
@@ -95,6 +102,7 @@ class MsgType(enum.IntEnum):
     ABORT = 17
     ROUND_ACK = 18
     SECTION_STATE = 19
+    JOIN = 20
 
 
 class ErrorCode(enum.IntEnum):

@@ -126,6 +126,8 @@ def migration_args(ns, **args) -> dict:
         args["downtime_ms"] = ns.downtime_ms
     if ns.max_bandwidth is not None:
         args["max_bandwidth_mibps"] = ns.max_bandwidth
+    if getattr(ns, "streams", None) is not None:
+        args["streams"] = ns.streams
     return args
 
 

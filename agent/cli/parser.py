@@ -188,6 +188,9 @@ def _add_migration_options(p: argparse.ArgumentParser) -> None:
                    help="downtime target for this migration, >= 1 (e.g. 50)")
     p.add_argument("--max-bandwidth", type=int_at_least(0), metavar="MIBPS",
                    help="bandwidth cap in MiB/s, 0 = unlimited (e.g. 500)")
+    p.add_argument("--streams", type=int_at_least(1), metavar="N",
+                   help="parallel data connections for this migration, 1..8 (the destination may grant "
+                        "fewer); default: the agent's migration.streams")
     _json(p)
 
 

@@ -2,7 +2,8 @@
 
 Per-migration options are checked here, before any job exists:
 ``downtime_ms`` int >= 1, ``max_bandwidth_mibps`` int >= 0, ``verify``
-"incremental" | "full", ``priority`` int (each may be absent or null).
+"incremental" | "full", ``streams`` int 1..8 (data connections offered),
+``priority`` int (each may be absent or null).
 While the agent shuts down, no new migration is started.
 
 ``migrate.check`` (``migrate --dry-run``) checks the VM here and asks the
@@ -18,7 +19,7 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from protocol import ErrorCode
+from protocol import MAX_STREAMS, ErrorCode
 
 from agent.control.history import job_report
 from agent.daemon.config import parse_hostport
@@ -54,7 +55,11 @@ def migration_options(args: dict) -> dict:
     verify = args.get("verify")
     if verify is not None and verify not in VERIFY_MODES:
         raise AgentError(f"verify: {' or '.join(VERIFY_MODES)}, got {verify!r}")
+    streams = _int_arg(args, "streams", 1)
+    if streams is not None and streams > MAX_STREAMS:
+        raise AgentError(f"streams: 1..{MAX_STREAMS}, got {streams}")
     return {
+        "streams": streams,
         "downtime_ms": _int_arg(args, "downtime_ms", 1),
         "max_bandwidth_mibps": _int_arg(args, "max_bandwidth_mibps", 0),
         "verify": verify,
@@ -167,6 +172,7 @@ class MigrateOps:
                   destination=targets[0] if len(targets) == 1 else "", direction="outbound")
         job.targets = list(targets)
         job.priority = opts["priority"]
+        job.streams = opts["streams"]            # None: the agent's migration.streams
         h.jobs.add(job)
         vm.migrating = job.id
         coro = run_outbound(h, job, vm, downtime_ms=opts["downtime_ms"],

@@ -50,6 +50,10 @@ class AgentSection:
         _check(NAME_RE.fullmatch(self.shm_prefix) is not None, "agent.shm_prefix: 1-64 of A-Z a-z 0-9 _ -")
 
 
+#: migration.streams = 0: measured on the 2-core reference machine (docs/BENCHMARK.md)
+AUTO_STREAMS = 2
+
+
 @dataclass(frozen=True, slots=True)
 class MigrationSection:
     downtime_target_ms: int = 300
@@ -63,9 +67,13 @@ class MigrationSection:
     verify: str = "incremental"          # incremental | full: how memory is proven equal before resume
     switchover_timeout_ms: int = 0       # pause deadline; 0 = max(1000, 4 x downtime_target_ms)
     guest_heartbeat_timeout_s: float = 5.0   # a running guest whose heartbeat stops this long is dead
+    streams: int = 0                     # data streams per migration, 1..8; 0 = auto (AUTO_STREAMS)
+    prefault: str = "ahead"              # destination memory: ahead (in the background) | setup (before Ready)
 
     def __post_init__(self) -> None:
         _check(self.verify in ("incremental", "full"), "migration.verify: incremental or full")
+        _check(0 <= self.streams <= 8, "migration.streams: 0 (auto) or 1..8")
+        _check(self.prefault in ("ahead", "setup"), "migration.prefault: ahead or setup")
         _check(0 <= self.switchover_timeout_ms <= 3_600_000, "migration.switchover_timeout_ms: 0..3600000")
         _check(self.guest_heartbeat_timeout_s > 0, "migration.guest_heartbeat_timeout_s: must be > 0")
         _check(1 <= self.downtime_target_ms <= 60_000, "migration.downtime_target_ms: 1..60000")
@@ -73,6 +81,10 @@ class MigrationSection:
         _check(self.max_bandwidth_mibps >= 0, "migration.max_bandwidth_mibps: >= 0")
         for k in ("handshake_timeout_s", "io_timeout_s", "guest_ack_timeout_s", "resolve_timeout_s"):
             _check(getattr(self, k) > 0, f"migration.{k}: must be > 0")
+
+    def data_streams(self) -> int:
+        """The data streams this agent uses (or grants) per migration."""
+        return self.streams or AUTO_STREAMS
 
     def switchover_deadline_s(self, downtime_target_ms: int) -> float:
         """How long a paused guest may wait for the switchover before it resumes here."""

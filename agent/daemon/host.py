@@ -43,6 +43,8 @@ class Host:
             self.slots = LiveSlots(self.cfg.limits.max_live_migrations)
         self.pairs = PairLimits(self.slots)
         self.prefault_lock = asyncio.Lock()
+        #: migration id -> its InboundStreams, while it waits for / holds data streams
+        self.inbound_streams: dict = {}
         self._load_taken()
         bw = self.cfg.limits.host_max_bandwidth_mibps
         self.bandwidth = HostBandwidth(bw) if bw else None

@@ -4,7 +4,9 @@
                    space, a live slot), a job
     setup          the shell: segment, standby guest (paused), each section's
                    setup (RAM: reserve and pre-fault what the source holds)
-    precopy        page batches land straight in guest memory (zero copy)
+    precopy        page batches arrive on the data streams (datastream.py), each
+                   landing straight in guest memory from its thread (zero copy);
+                   a round is acknowledged once every stream delivered it
     stop-and-copy  the vCPU state arrives and is loaded
     verify         each section's digests of what this host holds, guest still
                    paused, go to the source, which compares
@@ -30,6 +32,7 @@ import structlog
 
 from memstore import Cmd, SegmentError
 from protocol import (
+    Abort,
     Commit,
     Committed,
     Digests,
@@ -48,6 +51,7 @@ from protocol import (
     RoundEnd,
     SectionState,
     StateTransfer,
+    encode_frame,
 )
 
 from agent.daemon.config import NAME_RE
@@ -60,6 +64,7 @@ from agent.migration.phases import MigrationPhase as P, log_phase_change
 from agent.migration.catalog import SECTIONS
 from agent.migration.section import IncomingSection
 from agent.net.accept import accept
+from agent.net.datastream import InboundStreams
 from agent.net.transport import FrameProtocol
 from agent.observe.logs import get_logger
 
@@ -98,6 +103,8 @@ class DestinationMigration:
         self.reserved_name: str | None = None
         self._t_round = self._t_state = 0.0        # this side's clocks for its own figures
         self._acker: asyncio.Future | None = None  # the latest pending RoundAck
+        self.streams: InboundStreams | None = None
+        self._standby: int | None = None           # the standby guest's PAUSE ack, until seen
         self._source_paused_ms = 0.0
 
     # ---- entry -------------------------------------------------------------
@@ -211,7 +218,9 @@ class DestinationMigration:
         self._admit(p)
         SECTIONS.check_incoming(p.sections)
         SECTIONS.probe(p.sections, self._setup_infos(p), self.host)
-        await self.conn.send(Ready(migration_id=p.migration_id, prefault_ms=0))
+        await self.conn.send(Ready(migration_id=p.migration_id, prefault_ms=0,
+                                   streams=max(1, min(p.streams, self.host.cfg.migration.data_streams())),
+                                   token=bytes(16)))     # no stream will join a dry run
         log.info("dry_run_admitted", peer=self.conn.peer)
 
     def _admit(self, p: Prepare) -> None:
@@ -272,15 +281,51 @@ class DestinationMigration:
             # The reservation is held until the memory is allocated (pre-fault done).
             host.registry.reserved.pop(p.vm, None)
             self.reserved_name = None
-        # The standby guest must be up (paused) before Ready: its start-up would
-        # otherwise land in the pause of a VM that transfers faster than that.
-        await self.vm.wait_ack(standby_seq, mcfg.guest_ack_timeout_s)
         job.stats.prefault_ms = (time.monotonic() - t0) * 1000.0
         job.stats.ram_bytes = p.memory_bytes
         job.stats.pages_total = ram.npages
-        self.conn.payload_sink = lambda batch: self._section(batch.section).payload_sink(batch)
-        await self.conn.send(Ready(migration_id=job.id, prefault_ms=int(job.stats.prefault_ms)))
-        log.info("shell_ready", prefault_ms=round(job.stats.prefault_ms, 1), memory_bytes=p.memory_bytes)
+        # The standby guest's start-up (~60 ms) overlaps round 1: its ack is
+        # awaited before the first RoundAck, so never inside the pause.
+        self._standby = standby_seq
+        n = max(1, min(p.streams, mcfg.data_streams()))
+        self.streams = InboundStreams(job.id, n, self.conn.peer_name, sink=self._stream_sink,
+                                      apply=self._stream_apply, check_batch=self._stream_check,
+                                      on_batch=self._stream_batch, on_failure=self._stream_failed,
+                                      hold=testhooks.stream_hold())
+        host.inbound_streams[job.id] = self.streams
+        job.stats.streams = n
+        await self.conn.send(Ready(migration_id=job.id, prefault_ms=int(job.stats.prefault_ms), streams=n,
+                                   token=self.streams.token))
+        log.info("shell_ready", prefault_ms=round(job.stats.prefault_ms, 1), memory_bytes=p.memory_bytes,
+                 streams=n, prefault=mcfg.prefault)
+
+    # ---- the data streams' callbacks (datastream.InboundStreams) -------------
+    def _stream_check(self, batch: PageBatch) -> None:          # stream thread
+        self._section(batch.section)
+
+    def _stream_sink(self, batch: PageBatch):                   # stream thread
+        return self._section(batch.section).payload_sink(batch)
+
+    def _stream_apply(self, batch: PageBatch) -> None:          # stream thread
+        self._section(batch.section).apply_in_stream(batch)
+
+    def _stream_batch(self, batch: PageBatch) -> None:          # loop
+        self._section(batch.section).on_batch(batch)
+        self._count_batch(batch)
+
+    def _stream_failed(self, exc: BaseException) -> None:       # loop
+        """A data stream failed: the migration fails like a lost connection;
+        a protocol error or a full /dev/shm is told to the source first."""
+        conn = self.conn
+        code = (exc.code if isinstance(exc, ProtocolError) else
+                ErrorCode.NO_MEMORY if isinstance(exc, SegmentError) else None)
+        tr = conn.transport
+        if code is not None and tr is not None and not tr.is_closing():
+            tr.write(encode_frame(Abort(code=code, reason=f"data stream: {exc}"[:REASON_CHARS])))
+        if isinstance(exc, (ProtocolError, AgentError)):
+            conn.fail(exc)
+        else:
+            conn.fail(AgentError(f"{self.host.name}: data stream: {exc}"))
 
     def _setup_infos(self, p: Prepare) -> list[dict]:
         try:
@@ -309,10 +354,7 @@ class DestinationMigration:
         timeout = self.host.cfg.migration.io_timeout_s
         while True:
             msg = await conn.recv(timeout)
-            if isinstance(msg, PageBatch):
-                self._section(msg.section).on_batch(msg)
-                self._count_batch(msg)
-            elif isinstance(msg, RoundEnd):
+            if isinstance(msg, RoundEnd):
                 self._round_ended(msg)
                 self._ack_round(msg.round)
             elif isinstance(msg, SectionState):
@@ -334,17 +376,26 @@ class DestinationMigration:
             st.remaining_bytes = max(0, st.pages_total - st.pages_sent - st.zero_pages) * 4096
 
     def _ack_round(self, round_no: int) -> None:
-        """RoundAck once everything before this RoundEnd is in guest memory
-        (it is: payloads complete before the next frame is parsed) and hashed,
+        """RoundAck once every data stream delivered its RoundEnd of this
+        round (all of its pages are in guest memory) and they are hashed,
         without holding up the receive loop; acks go out in round order."""
         previous = self._acker
+        timeout = self.host.cfg.migration.io_timeout_s
 
         async def ack() -> None:
             if previous is not None:
                 await previous
-            for s in self.sections:
-                await s.settle()
-            await self.conn.send(RoundAck(round=round_no))
+            try:
+                await self.streams.reached(round_no, timeout)
+                if self._standby is not None:
+                    await self.vm.wait_ack(self._standby, self.host.cfg.migration.guest_ack_timeout_s)
+                    self._standby = None
+                for s in self.sections:
+                    await s.settle()
+                await self.conn.send(RoundAck(round=round_no))
+            except (AgentError, ProtocolError) as exc:
+                self.conn.fail(exc)        # the receive loop raises it: a missing ack must not stall the source
+                raise
         self._acker = asyncio.ensure_future(ack())
 
     def _round_ended(self, msg: RoundEnd) -> None:
@@ -358,9 +409,15 @@ class DestinationMigration:
     async def _stop_and_copy(self, state: StateTransfer) -> None:
         await self._enter(P.PRECOPY, P.STOP_AND_COPY)
         self._t_state = time.monotonic()
+        mcfg = self.host.cfg.migration
+        # Every stream's last round is in memory before anything is hashed or loaded.
+        await self.streams.reached(self.job.stats.rounds, mcfg.io_timeout_s)
         await self._stop_acker(cancel=False)      # the last ack: hashing it waits for is needed anyway
+        await self._close_streams()
+        if self._standby is not None:             # a source that never waited for a RoundAck
+            await self.vm.wait_ack(self._standby, mcfg.guest_ack_timeout_s)
+            self._standby = None
         self._source_paused_ms = _paused_ms(state.device_state)
-        self.conn.payload_sink = None
         ctl = self.vm.ctl
         try:
             ctl.load_vcpu_state(state.vcpu_state)
@@ -514,8 +571,15 @@ class DestinationMigration:
             except (asyncio.CancelledError, AgentError, ProtocolError):
                 pass        # a late ack nobody waits for any more
 
+    async def _close_streams(self) -> None:
+        streams, self.streams = self.streams, None
+        if streams is not None:
+            self.host.inbound_streams.pop(streams.migration_id, None)
+            await streams.close()             # its threads write guest memory: joined here
+
     async def _cleanup_sections(self, committed: bool) -> None:
         await self._stop_acker()
+        await self._close_streams()
         for s in self.sections:
             try:
                 await s.cleanup(committed)

@@ -43,6 +43,7 @@ class Job:
         self.peer_agent = ""
         self.slots: int | None = None
         self.priority = 0
+        self.streams: int | None = None      # data streams offered (None: migration.streams)
         self.targets: list[str] = [destination] if destination else []
         self.requeues = 0
         self.last_refusal: str | None = None
@@ -140,6 +141,7 @@ class Job:
             "verify_mode": s.verify_mode,
             "verify_ms": round(s.verify_ms, 1),
             "prefault_ms": round(s.prefault_ms, 1),
+            "streams": s.streams,
             "guest_rate_before_pps": s.guest_rate_before_pps,
             "guest_rate_during_pps": s.guest_rate_during_pps,
             "writes_at_pause": s.writes_at_pause,

@@ -38,7 +38,8 @@ async def precheck(host, vm, target: str, verify_mode: str | None = None,
         await conn.send(Prepare(
             migration_id=f"dry-{secrets.token_hex(6)}", vm=vm.name, memory_bytes=vm.record.memory_bytes,
             workload=vm.record.workload, features=(DRY_RUN,), source=host.name, sections=names,
-            setup=msgpack.packb([setup.get(n, {}) for n in names]), verify_mode=verify_mode or host.cfg.migration.verify))
+            setup=msgpack.packb([setup.get(n, {}) for n in names]), verify_mode=verify_mode or host.cfg.migration.verify,
+            streams=host.cfg.migration.data_streams()))
         await conn.expect(Ready, host.cfg.migration.handshake_timeout_s)
         out["ok"] = True
     except PeerError as exc:

@@ -17,6 +17,7 @@ memory for payloads (zero copy) and marks exactly what it handed out.
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Iterator
 
 from memstore import PAGE_SIZE, DirtyMap, PageRun, split_zero
@@ -25,6 +26,7 @@ from protocol import MAX_BATCH_RUNS, BatchFlags, ErrorCode, PageBatch, RemotePro
 from agent.migration.section import IncomingSection, OutgoingSection
 from agent.migration.verify import ChunkDigests, digest_chunk_pages
 
+MADV_POPULATE_WRITE = 23        # Linux >= 5.14
 BATCH_PAGES = 256               # 1 MiB of payload per batch of dirty pages
 FULL_PASS_PAGES = 1024          # 4 MiB per batch in round 1 (contiguous: fewer headers and syscalls)
 BATCH_RUNS = 1024
@@ -58,24 +60,116 @@ def append_run(runs: list[tuple[int, int]], first: int, count: int) -> None:
         runs.append((first, count))
 
 
-def populated_runs(ram, chunk_pages: int) -> list[tuple[int, int]]:
+def populated_runs(ram, chunk_pages: int, order=None) -> list[tuple[int, int]]:
     """Chunks of the segment that hold data (SEEK_DATA), merged into runs, so
-    the destination pre-faults only memory that will receive pages. Falls
-    back to everything when the runs would not fit one Prepare."""
+    the destination pre-faults only memory that will receive pages; in
+    ``order`` (chunk indexes: the order round 1 sends them) when given, so
+    the destination can allocate ahead of the pages. Falls back to
+    everything when the runs would not fit one Prepare."""
     npages = ram.npages
     runs: list[tuple[int, int]] = []
-    page = 0
-    while page < npages:
-        data = ram.next_data_page(page)
-        if data >= npages:
-            break
-        start = data - data % chunk_pages
-        end = min(npages, start + chunk_pages)
-        append_run(runs, start, end - start)
-        page = end
+    if order is None:
+        page = 0
+        while page < npages:
+            data = ram.next_data_page(page)
+            if data >= npages:
+                break
+            start = data - data % chunk_pages
+            end = min(npages, start + chunk_pages)
+            append_run(runs, start, end - start)
+            page = end
+    else:
+        for c in order:
+            start = c * chunk_pages
+            end = min(npages, start + chunk_pages)
+            if ram.next_data_page(start) < end:
+                append_run(runs, start, end - start)
     if len(runs) > MAX_BATCH_RUNS:
         return [(0, npages)]
     return runs
+
+
+class AheadFaulter(threading.Thread):
+    """The destination's guest memory, allocated while the pages arrive
+    (``migration.prefault = "ahead"`` or ``"receive"``).
+
+    A background thread walks the chunks the source listed as populated, in
+    the order the source sends them: ``posix_fallocate`` (the space, so no
+    write can hit an unbacked page: SIGBUS on a full /dev/shm) and, unless
+    ``populate`` is off, MADV_POPULATE_WRITE through ctypes (which releases
+    the GIL, unlike mmap.madvise). The receive path calls ``ensure(runs)``
+    before it writes: a chunk the thread has not reserved yet (the receive
+    overtook it, or the guest wrote a new page during the migration) is
+    reserved right there; a full /dev/shm is then a SegmentError of that
+    batch, never a signal. With populate off the receive path takes the page
+    faults inside recv_into."""
+
+    def __init__(self, ram, runs, chunk_pages: int, populate: bool) -> None:
+        super().__init__(name="prefault-ahead", daemon=True)
+        self.ram, self.chunk_pages, self.populate = ram, chunk_pages, populate
+        self.runs = list(runs)
+        self.reserved = bytearray((ram.npages + chunk_pages - 1) // chunk_pages)
+        self.stopping = False
+        self.failure: BaseException | None = None
+        self.chunks_ahead = 0              # reserved by the thread (the rest: by the receive path)
+        self._buf = None                   # ctypes view of guest memory while the thread runs
+
+    def mark_reserved(self, runs) -> None:
+        cp = self.chunk_pages
+        for first, count in runs:
+            for c in range(first // cp, (first + count - 1) // cp + 1):
+                self.reserved[c] = 1
+
+    def ensure(self, runs) -> None:
+        reserved, cp, npages = self.reserved, self.chunk_pages, self.ram.npages
+        for first, count in runs:
+            for c in range(first // cp, (first + count - 1) // cp + 1):
+                if not reserved[c]:
+                    start = c * cp
+                    self.ram.reserve(((start, min(cp, npages - start)),))
+                    reserved[c] = 1
+
+    def run(self) -> None:
+        import ctypes
+
+        cp, npages = self.chunk_pages, self.ram.npages
+        populate = None
+        if self.populate:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                self._buf = (ctypes.c_char * len(self.ram.ram)).from_buffer(self.ram.ram)
+                base = ctypes.addressof(self._buf)
+                madvise = libc.madvise
+                madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+                def populate(first: int, count: int) -> None:
+                    if madvise(base + first * PAGE_SIZE, count * PAGE_SIZE, MADV_POPULATE_WRITE) != 0:
+                        raise OSError(ctypes.get_errno(), "madvise(MADV_POPULATE_WRITE)")
+            except (OSError, AttributeError, TypeError, ValueError):
+                populate = None
+        try:
+            for first, count in self.runs:
+                for start in range(first, first + count, cp):
+                    if self.stopping:
+                        return
+                    n = min(cp, first + count - start, npages - start)
+                    c = start // cp
+                    if not self.reserved[c]:
+                        self.ram.reserve(((c * cp, min(cp, npages - c * cp)),))
+                        self.reserved[c] = 1
+                        self.chunks_ahead += 1
+                    if populate is not None:
+                        try:
+                            populate(start, n)
+                        except OSError:
+                            populate = None     # old kernel: the receive path faults the rest in
+        except BaseException as exc:  # noqa: BLE001 - the receive path meets the same error itself
+            self.failure = exc
+        finally:
+            self._buf = None
+
+    def stop(self) -> None:
+        self.stopping = True
 
 
 class _Digested:
@@ -104,12 +198,16 @@ class RamOut(_Digested, OutgoingSection):
         self.digest = ChunkDigests(self.ram.ram, digest_chunk_pages(self.ram.npages),
                                    self.ram.next_data_page, self.ram.next_hole_page)
         self._work: Iterator[tuple[str, list]] | None = None
+        self._order: list[int] | None = None
         self._round = 0
         self._unsent_full = self.ram.npages   # pages of the full pass not yet sent (progress)
         self.dirty.collect()                   # start tracking now: round 1 sends every page
 
     def setup_info(self) -> dict:
-        return {"populated": populated_runs(self.ram, self.vm.heat.chunk_pages)}
+        # Round 1's order is fixed here, so the destination can allocate in it.
+        heat = self.vm.heat
+        self._order = heat.order() if heat.samples else list(range(heat.nchunks))
+        return {"populated": populated_runs(self.ram, heat.chunk_pages, self._order)}
 
     # ---- rounds ---------------------------------------------------------
     def begin_round(self, round_no: int) -> None:
@@ -132,7 +230,7 @@ class RamOut(_Digested, OutgoingSection):
     def _full_pass(self) -> Iterator[tuple[str, list]]:
         ram, npages = self.ram, self.ram.npages
         heat = self.vm.heat
-        order = heat.order() if heat.samples else range(heat.nchunks)
+        order = self._order if self._order is not None else (heat.order() if heat.samples else range(heat.nchunks))
         cp = heat.chunk_pages
         zero: list[tuple[int, int]] = []
         for c in order:
@@ -183,6 +281,9 @@ class RamOut(_Digested, OutgoingSection):
 
 
 
+FAULT_CHUNK_PAGES = 1024        # 4 MiB: the unit the destination allocates ahead in
+
+
 class RamIn(_Digested, IncomingSection):
     NAME = "ram"
 
@@ -193,6 +294,7 @@ class RamIn(_Digested, IncomingSection):
         self.digest = ChunkDigests(self.ram.ram, digest_chunk_pages(self.ram.npages),
                                    self.ram.next_data_page, self.ram.next_hole_page, fresh_zero=True)
         self.pages_received = 0
+        self.faulter: AheadFaulter | None = None
 
     async def setup(self, info: dict) -> None:
         runs = info.get("populated", [])
@@ -205,36 +307,57 @@ class RamIn(_Digested, IncomingSection):
                     or r[0] < 0 or r[1] < 1 or r[0] + r[1] > npages):
                 raise RemoteProtocolError(f"ram setup: bad populated run {r!r:.60}", ErrorCode.MALFORMED)
             checked.append((r[0], r[1]))
-        # One pre-fault at a time per host: two in parallel contend for the
-        # same cores and page allocator; one overlaps another's transfer.
-        async with self.host.prefault_lock:
-            await asyncio.to_thread(self.ram.prefault, tuple(checked))
+        mode = self.host.cfg.migration.prefault
+        self.faulter = AheadFaulter(self.ram, checked, FAULT_CHUNK_PAGES, populate=mode == "ahead")
+        if mode == "setup":
+            # One pre-fault at a time per host: two in parallel contend for the
+            # same cores and page allocator; one overlaps another's transfer.
+            async with self.host.prefault_lock:
+                await asyncio.to_thread(self.ram.prefault, tuple(checked))
+            self.faulter.mark_reserved(checked)
+        else:
+            self.faulter.start()          # Ready goes out now; memory is allocated as pages arrive
 
     def payload_sink(self, batch: PageBatch):
+        """Views of guest memory for the payload (a data stream's thread)."""
         npages = self.ram.npages
         ram = self.ram.ram
         for first, count in batch.runs:          # all checked before any view exists
             if first + count > npages:
                 raise RemoteProtocolError(f"pages {first}+{count} beyond the VM's {npages} pages", ErrorCode.MALFORMED)
+        if self.faulter is not None:
+            self.faulter.ensure(batch.runs)
         return [ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE] for first, count in batch.runs]
 
-    def on_batch(self, batch: PageBatch) -> None:
-        if batch.flags & BatchFlags.ZERO:
-            self._zero(batch)
-            return
-        self.pages_received += batch.pages
-        self.digest.mark(batch.runs)              # exactly the views payload_sink handed out
-
-    def _zero(self, batch: PageBatch) -> None:
+    def apply_in_stream(self, batch: PageBatch) -> None:
+        """A zero batch, in the data stream's thread and order (a later copy
+        of the same page comes behind it on the same stream)."""
         ram = self.ram
         for first, count in batch.runs:
             if first + count > ram.npages:
                 raise RemoteProtocolError(f"zero pages {first}+{count} beyond the VM", ErrorCode.MALFORMED)
         if batch.round == 1:
             return                   # a fresh shell is zero already; round 1 sends each page once
+        if self.faulter is not None:
+            self.faulter.ensure(batch.runs)
         for first, count in batch.runs:
             for a in range(first, first + count, 64):
                 n = min(64, first + count - a)
                 ram.ram[a * PAGE_SIZE:(a + n) * PAGE_SIZE] = _ZERO[: n * PAGE_SIZE]
-        self.digest.mark(batch.runs)              # after the bytes changed
+
+    def on_batch(self, batch: PageBatch) -> None:
+        """Bookkeeping (loop thread), after the batch's bytes are in place."""
+        if batch.flags & BatchFlags.ZERO:
+            if batch.round > 1:
+                self.digest.mark(batch.runs)      # apply_in_stream zeroed them
+            return
+        self.pages_received += batch.pages
+        self.digest.mark(batch.runs)              # exactly the views payload_sink handed out
+
+    async def cleanup(self, committed: bool) -> None:
+        faulter = self.faulter
+        if faulter is not None and faulter.ident is not None:
+            faulter.stop()
+            await asyncio.to_thread(faulter.join)   # it maps guest memory: gone before the segment
+        await super().cleanup(committed)
 

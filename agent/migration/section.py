@@ -18,8 +18,11 @@ Outgoing half (source), in call order::
 Incoming half (destination)::
 
     setup(info)                           build what receives (admission already passed)
-    payload_sink(batch)     -> views      where a PageBatch's payload lands (zero copy)
-    on_batch(batch) / on_state(data)      after a batch's bytes / a SectionState arrived
+    payload_sink(batch)     -> views      where a PageBatch's payload lands (zero copy);
+                                          called by a data stream's thread
+    apply_in_stream(batch)                a zero batch's effect, in that thread and in
+                                          stream order (a newer copy of a page is behind it)
+    on_batch(batch) / on_state(data)      loop thread: after a batch's bytes / a SectionState arrived
     digests(mode)           -> (chunk_pages, bytes)   of what it holds, guest still paused
     activate()                            just before the guest resumes (e.g. open files)
     cleanup(committed)                    always, once: a failed migration undoes setup
@@ -104,8 +107,13 @@ class IncomingSection(abc.ABC):
         from protocol import ErrorCode, RemoteProtocolError
         raise RemoteProtocolError(f"section {self.NAME!r} takes no page batches", ErrorCode.UNEXPECTED)
 
+    def apply_in_stream(self, batch: PageBatch) -> None:
+        """A zero batch (no payload), in the receiving stream's thread and
+        order; a section that keeps all effects in ``on_batch`` (which runs
+        on the loop in each stream's order too) leaves this empty."""
+
     def on_batch(self, batch: PageBatch) -> None:
-        """A batch's bytes (or its zero runs) are in place."""
+        """A batch's bytes (or its zero runs) are in place (loop thread)."""
 
     async def settle(self) -> None:
         """Before acknowledging a round: catch up background work (hashing of

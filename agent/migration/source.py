@@ -53,6 +53,8 @@ from agent.migration.recovery import (Outcome, ask_until_answered, keep_running_
                                       resume_here, spawn_resolver)
 from agent.migration.section import OutgoingSection
 from agent.migration.stream import SourceStream, prepare_message
+from agent.net import tls
+from agent.net.datastream import OutboundStreams
 from agent.net.peer import open_session
 from agent.observe.logs import get_logger
 
@@ -78,6 +80,7 @@ class SourceMigration:
         bw = tuned.get("max_bandwidth_mibps", bw)
         self.max_bandwidth_bps = bw * 2**20
         self.verify_mode = verify or mcfg.verify
+        self.streams = getattr(job, "streams", None) or mcfg.data_streams()     # offered in Prepare
         self.options = dict(options or {})          # per-migration section options (e.g. storage mode)
         self.conn = None
         self.stream: SourceStream | None = None
@@ -164,7 +167,10 @@ class SourceMigration:
         fails (rollback restarts the guest here); after it the destination
         runs the VM and the source copy is being released anyway."""
         if not self.resume_sent and self.conn is not None:
-            self.conn.fail(VmError(f"guest of {vm.name} died during the migration: {reason}"))
+            exc = VmError(f"guest of {vm.name} died during the migration: {reason}")
+            self.conn.fail(exc)
+            if self.stream is not None and self.stream.data is not None:
+                self.stream.data.interrupt(exc)
 
     async def _enter(self, expected, new: P) -> None:
         self.job.tracker.set_phase(expected=expected, new=new)
@@ -210,7 +216,7 @@ class SourceMigration:
                  features=sorted(agreement.features), peer_agent=welcome.agent)
         self.stream = SourceStream(self.conn, job, host, self.max_bandwidth_bps, vm)
         self.sections = SECTIONS.build_outgoing(vm=vm, stream=self.stream, host=host, options=self.options)
-        await self.conn.send(prepare_message(job, vm, host, self.sections, self.verify_mode))
+        await self.conn.send(prepare_message(job, vm, host, self.sections, self.verify_mode, self.streams))
 
     async def _setup(self) -> None:
         await self._enter(P.NEGOTIATE, P.SETUP)
@@ -224,6 +230,22 @@ class SourceMigration:
                 raise Requeue(str(exc)) from exc
             raise
         self.job.stats.prefault_ms = ready.prefault_ms
+        await self._open_streams(ready)
+
+    async def _open_streams(self, ready: Ready) -> None:
+        """The data streams Ready granted, to the same endpoint (datastream.py)."""
+        host, mcfg = self.host, self.host.cfg.migration
+        asked = self.streams
+        if not 1 <= ready.streams <= asked:
+            raise PeerError(f"{self.peer} granted {ready.streams} data streams, {asked} were offered",
+                            int(ErrorCode.MALFORMED))
+        data = OutboundStreams(ready.streams, on_failure=self.conn.fail)
+        self.stream.data = data
+        ctx = tls.client_context(host.cfg.security) if host.cfg.security.tls else None
+        await data.open(self.peer_host, self.peer_port, self.job.id, ready.token, ctx, self.conn.peer_name,
+                        mcfg.handshake_timeout_s, mcfg.io_timeout_s)
+        self.job.stats.streams = ready.streams
+        log.info("data_streams_open", streams=ready.streams, tls=ctx is not None)
 
     async def _precopy(self) -> None:
         await self._enter(P.SETUP, P.PRECOPY)
@@ -285,6 +307,8 @@ class SourceMigration:
         await self._end_round(st.rounds + 1, st.stop_copy_pages, t0)
         paused_ms = (time.monotonic() - self.t_pause) * 1000.0    # so the destination can tell its downtime
         await self.conn.send(StateTransfer(vcpu_state=vm.ctl.vcpu_state(), device_state=self.stream.device_state(paused_ms)))
+        # The rest of the last round leaves meanwhile; the streams end (EOF) and their threads are joined.
+        await self.stream.data.finish(self.host.cfg.migration.io_timeout_s)
 
     async def _verify(self) -> None:
         """Every section's digests of the frozen source against the
@@ -374,6 +398,8 @@ class SourceMigration:
         elapsed = max(time.monotonic() - t_start, 1e-6)
         remaining = sum(s.pending_exact() for s in self.sections)
         dirty_pages = remaining // 4096
+        # Each data stream's RoundEnd behind its pages of the round, then the control stream's.
+        self.stream.data.end_round(round_no, sent_pages, dirty_pages)
         await self.conn.send(RoundEnd(round=round_no, pages_sent=sent_pages, dirty_pages=dirty_pages))
         st.rounds = round_no
         round_bps = sent_pages * 4096 / elapsed
@@ -473,7 +499,16 @@ class SourceMigration:
             self.vm.migrating = None
             job.tracker.set_phase(expected=P.ROLLING_BACK, new=P.FAILED)
 
+    async def _close_streams(self) -> None:
+        """Stop and join the data streams' threads: they hold views of the
+        segment, which must not outlive them (commit releases it)."""
+        data = self.stream.data if self.stream is not None else None
+        if data is not None:
+            self.stream.data = None
+            await data.close()
+
     async def _cleanup_sections(self, committed: bool) -> None:
+        await self._close_streams()
         for s in self.sections:
             try:
                 await s.cleanup(committed)

@@ -23,6 +23,7 @@ class MigrationStats:
     downtime_ms: float = 0.0
     stop_copy_pages: int = 0
     prefault_ms: float = 0.0
+    streams: int = 0                 # data streams the migration uses (negotiated)
     verify_ms: float = 0.0
     verify_mode: str = ""
     downtime_target_ms: int = 0    # the target in force (job set may change it)

@@ -1,9 +1,10 @@
 """The source's migration stream: what sections send through.
 
 One place for what every section's data shares: the wire (PageBatch frames
-with the section id), the statistics, the bandwidth pacers (the migration's
-own cap and the host's), and auto-converge, reconsidered once a period even
-inside a long round (convergence.py).
+with the section id, on the migration's data streams: agent/net/datastream.py),
+the statistics, the bandwidth pacers (the migration's own cap and the
+host's), and auto-converge, reconsidered once a period even inside a long
+round (convergence.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import time
 import msgpack
 
 from memstore import BLOCK_SIZE, PAGE_SIZE
-from protocol import BatchFlags, PageBatch, Prepare
+from protocol import Prepare
 
 from agent.migration import convergence
 from agent.migration.stats import BandwidthMeter
@@ -25,11 +26,12 @@ HEADER_BYTES = 32          # prefix + a small body, for the wire-bytes estimate
 DISK_BLOCK_PAGES = BLOCK_SIZE // PAGE_SIZE   # a guest disk write dirties one 64 KiB block
 
 
-def prepare_message(job, vm, host, sections, verify_mode: str) -> Prepare:
+def prepare_message(job, vm, host, sections, verify_mode: str, streams: int) -> Prepare:
     return Prepare(
         migration_id=job.id, vm=vm.name, memory_bytes=vm.record.memory_bytes, workload=vm.record.workload,
         features=(), source=host.name, sections=tuple(s.NAME for s in sections),
         setup=msgpack.packb([s.setup_info() for s in sections]), verify_mode=verify_mode,
+        streams=streams,
     )
 
 
@@ -38,6 +40,7 @@ class SourceStream:
         self.conn, self.job, self.host, self.vm = conn, job, host, vm
         self.stats = job.stats
         self.max_bandwidth_bps = max_bandwidth_bps
+        self.data = None                  # OutboundStreams, once Ready granted them
         self.io_timeout_s = host.cfg.migration.io_timeout_s
         self.meter = BandwidthMeter()
         self.pages_sent = 0
@@ -66,13 +69,8 @@ class SourceStream:
         """Send the pages of ``runs`` from ``mem`` (4 KiB units); returns bytes sent."""
         pages = sum(c for _, c in runs)
         nbytes = pages * PAGE_SIZE
-        views = [mem[f * PAGE_SIZE:(f + c) * PAGE_SIZE] for f, c in runs]
-        msg = PageBatch(section=section.section_id, round=round_no, runs=tuple(runs),
-                        flags=BatchFlags.NONE, payload_len=nbytes)
-        try:
-            await self.conn.send(msg, views, timeout_s=self.io_timeout_s)
-        finally:
-            views.clear()      # a traceback kept by a cancelled task must not pin the segment
+        self.conn.check()                  # an Abort or a lost control connection stops the pages too
+        await self.data.send(section.section_id, round_no, runs, mem)
         st = self.stats
         st.pages_sent += pages
         st.bytes_sent += nbytes
@@ -85,9 +83,8 @@ class SourceStream:
         return nbytes
 
     async def zero(self, section, round_no: int, runs: list[tuple[int, int]]) -> None:
-        msg = PageBatch(section=section.section_id, round=round_no, runs=tuple(runs),
-                        flags=BatchFlags.ZERO, payload_len=0)
-        await self.conn.send(msg, timeout_s=self.io_timeout_s)
+        self.conn.check()
+        await self.data.send(section.section_id, round_no, runs, None, zero=True)
         self.stats.zero_pages += sum(c for _, c in runs)
         self.stats.wire_bytes += HEADER_BYTES + 8 * len(runs)
 

@@ -76,3 +76,15 @@ async def hold(data_dir: str, role: str, phase, job_id: str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def stream_hold() -> tuple[int, int] | None:
+    """``LIVEMIG_TEST_STREAM_HOLD=stream:round``: the destination's data
+    stream ``stream`` reads nothing until every other stream delivered its
+    RoundEnd(round), so that stream's older copies are still in flight while
+    newer rounds land on the others (the ordering test). None: no hold."""
+    spec = os.environ.get("LIVEMIG_TEST_STREAM_HOLD", "")
+    if not spec:
+        return None
+    stream, _, rnd = spec.partition(":")
+    return int(stream), int(rnd or 2)

@@ -7,8 +7,9 @@ A connection goes through two stages, each with its own bound:
                  ``security.mode = "tls"``), the name check, Hello/Welcome/Auth.
                  At most ``security.max_handshakes`` at a time, each for at most
                  ``security.handshake_timeout_s`` in all. When the stage is full
-                 a new connection evicts the oldest unauthenticated one (then the
-                 oldest of all), so connections that sit idle or trickle bytes
+                 a new connection evicts the oldest unauthenticated one that had
+                 EVICT_GRACE_S to finish (then the oldest authenticated one, then
+                 the oldest of all), so connections that sit idle or trickle bytes
                  can delay a real peer by one eviction, never lock it out, and
                  cost a bounded amount of memory (frames before authentication
                  are at most ``transport.PRE_AUTH_MAX_BODY``).
@@ -22,6 +23,13 @@ Nothing of a migration (slot, reservation, VM name, file) exists before the
 handshaking stage ends: ``DestinationMigration`` creates them only after
 ``accept.accept`` returned the request. A peer that fails TLS or the name
 check is logged with its address and reason and gets a closed connection.
+
+A data stream of a migration (``agent.net.datastream``) starts with
+DATA_STREAM_MAGIC in plaintext: the first bytes are peeked (nothing is
+consumed from a control connection), and a data stream goes to a thread
+for its TLS handshake and Join, still inside the handshaking stage and its
+bounds; its Join must name a migration this host is receiving, with that
+migration's token (and, with TLS, a certificate of the same agent).
 
 One tracked task per connection (``agent.daemon.tasks.TaskSet``). ``bind()``
 listens without accepting (the agent adopts its VMs in between), ``serve()``
@@ -37,7 +45,7 @@ import socket
 import ssl
 import time
 
-from protocol import MigrationSession, Query, Role
+from protocol import DATA_STREAM_MAGIC, MigrationSession, ProtocolError, Query, Role
 from protocol.framing import MAX_FRAME_BYTES
 
 from agent.daemon.config import parse_hostport
@@ -46,7 +54,7 @@ from agent.daemon.tasks import TaskSet
 from agent.errors import PeerLost
 from agent.migration.destination import DestinationMigration
 from agent.migration.phases import is_cancellable
-from agent.net import tls
+from agent.net import datastream, tls
 from agent.net.transport import PRE_AUTH_MAX_BODY, FrameProtocol
 from agent.observe.logs import get_logger
 
@@ -57,6 +65,7 @@ ACCEPT_CAPACITY_ERRNOS = (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUF
 ACCEPT_RETRY_S = 0.1
 LOG_BURST = 20          # lines per event kind per LOG_WINDOW_S, then one summary: a flood cannot flood the log
 LOG_WINDOW_S = 1.0
+EVICT_GRACE_S = 0.5     # an unauthenticated connection younger than this is evicted last
 
 
 class _Throttle:
@@ -82,7 +91,7 @@ class _Throttle:
 class _Handshake:
     """One connection in the handshaking stage (see the module doc)."""
 
-    __slots__ = ("gate", "peer", "sock", "conn", "authed", "timer", "done", "counted", "dropped")
+    __slots__ = ("gate", "peer", "sock", "conn", "authed", "timer", "done", "counted", "dropped", "t0")
 
     def __init__(self, gate: "HandshakeGate", sock: socket.socket, peer: str) -> None:
         self.gate = gate
@@ -94,6 +103,7 @@ class _Handshake:
         self.done = False              # left the handshaking stage
         self.counted = False           # holds a place under limits.max_connections
         self.dropped = False
+        self.t0 = time.monotonic()
 
     # called by agent.net.accept once the peer is authenticated
     def authenticated(self) -> None:
@@ -147,9 +157,20 @@ class HandshakeGate:
         self.timed_out = 0
         self.throttle = _Throttle()
 
+    def _victim(self) -> _Handshake:
+        """Whom a new connection evicts when the stage is full: the oldest
+        unauthenticated one that had EVICT_GRACE_S to finish (a peer's
+        connections made together, e.g. a migration's data streams, do not
+        evict each other while their TLS handshakes run), else the oldest
+        authenticated one, else the oldest of all."""
+        now = time.monotonic()
+        pending = self.pending.values()
+        return (next((h for h in pending if not h.authed and now - h.t0 >= EVICT_GRACE_S), None)
+                or next((h for h in pending if h.authed), None) or next(iter(pending)))
+
     def enter(self, sock: socket.socket, peer: str) -> _Handshake:
         while len(self.pending) >= self.max_handshakes:
-            victim = next((h for h in self.pending.values() if not h.authed), None) or next(iter(self.pending.values()))
+            victim = self._victim()
             self.evicted += 1
             victim.drop(f"{self.max_handshakes} connections already handshaking; this one was the oldest")
         h = _Handshake(self, sock, peer)
@@ -273,6 +294,13 @@ class MigrationEndpoint:
         try:
             if h.done:                                  # evicted before it started
                 return
+            kind = await self._peek_kind(h)
+            if kind == "closed":
+                return
+            if kind == "data":
+                handed = True
+                await self._data_stream(h)
+                return
             handed = True
             if not await self._attach(h, conn):
                 return
@@ -285,6 +313,61 @@ class MigrationEndpoint:
             self.gate.closed(h)
             if not handed:
                 h.sock.close()
+
+    async def _peek_kind(self, h: _Handshake) -> str:
+        """"data" (the magic of a data stream), "control" or "closed", from
+        the first bytes, peeked: a control connection's bytes stay unread."""
+        loop = asyncio.get_running_loop()
+        magic, fd = DATA_STREAM_MAGIC, h.sock.fileno()
+        while not h.done:
+            try:
+                head = h.sock.recv(len(magic), socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                ready = loop.create_future()
+                loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fd)
+                continue
+            except OSError:
+                return "closed"
+            if not head:
+                return "closed"
+            if not magic.startswith(head):
+                return "control"
+            if len(head) == len(magic):
+                return "data"
+            # A part of the magic: the rest follows in the next segment (the
+            # gate's timeout bounds a peer that never sends it).
+            await asyncio.sleep(0.005)
+        return "closed"
+
+    async def _data_stream(self, h: _Handshake) -> None:
+        """TLS and Join in a thread; then hand it to the migration it names."""
+        loop = asyncio.get_running_loop()
+
+        def tls_done() -> None:                   # in the thread: a verified certificate
+            loop.call_soon_threadsafe(lambda: h.done or h.authenticated())
+
+        try:
+            sock, join, session, peer_name = await asyncio.to_thread(
+                datastream.accept_data_stream, h.sock, self.ssl_context, self.gate.timeout_s, tls_done)
+        except (ssl.SSLError, OSError, ProtocolError, PeerLost, tls.PeerIdentityError, ValueError) as exc:
+            if not h.dropped:
+                self.gate.throttle.warning("peer_refused", peer=h.peer, stage="data-stream",
+                                           reason=f"{getattr(exc, 'reason', None) or exc}")
+            h.sock.close()
+            return
+        self.gate._leave(h)
+        streams = self.host.inbound_streams.get(join.migration_id)
+        why = "no migration here waits for it" if streams is None else streams.admit(join, sock, session, peer_name)
+        if why is not None:
+            self.gate.throttle.warning("peer_refused", peer=h.peer, stage="data-stream",
+                                       migration_id=join.migration_id, reason=why)
+            sock.close()
+            return
+        log.info("data_stream_joined", peer=h.peer, migration_id=join.migration_id, stream=join.stream)
 
     async def _attach(self, h: _Handshake, conn: FrameProtocol) -> bool:
         """Put ``conn`` on the socket, through mutual TLS if configured. False: refused (logged)."""

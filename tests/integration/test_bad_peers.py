@@ -48,7 +48,7 @@ CASES = {
     "bad-body": struct.pack("!4sHHII", MAGIC, 1, 0, 3, 0) + b"\xc1\xc1\xc1",
     "wrong-first-message": encode_frame(Prepare(migration_id="m1", vm="v", memory_bytes=4096, workload="idle",
                                                 features=(), source="x", sections=("ram",),
-                                                setup=b"\x90", verify_mode="incremental")),
+                                                setup=b"\x90", verify_mode="incremental", streams=1)),
 }
 
 

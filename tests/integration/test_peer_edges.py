@@ -12,8 +12,10 @@ from protocol import (
     StateTransfer,
     PROTOCOL_VERSION,
     NEED_DATA,
+    DATA_STREAM_MAGIC,
     BatchFlags,
     Hello,
+    Join,
     MigrationSession,
     PageBatch,
     Payload,
@@ -47,6 +49,7 @@ class RawSource:
         self.sock = socket.create_connection((host, int(port)), timeout=10)
         self.session = MigrationSession(Role.SOURCE)
         self.decoder = FrameDecoder()
+        self.streams: list = []
 
     def send(self, msg, payload: bytes = b"") -> None:
         self.sock.sendall(self.session.send(msg) + payload)
@@ -66,6 +69,28 @@ class RawSource:
                 return ev
             return self.session.receive(ev)
 
+    def open_streams(self, ready: Ready, mid: str) -> list:
+        """The data streams Ready granted: magic, Join, then pages and RoundEnds go on them."""
+        host, port = self.sock.getpeername()[:2]
+        out = []
+        for i in range(ready.streams):
+            s = socket.create_connection((host, port), timeout=10)
+            sess = MigrationSession(Role.SOURCE)
+            s.sendall(DATA_STREAM_MAGIC + sess.send(Join(migration_id=mid, stream=i, token=ready.token)))
+            out.append((s, sess))
+        self.streams = out
+        return out
+
+    def stream_send(self, i: int, msg, payload: bytes = b"") -> None:
+        s, sess = self.streams[i]
+        s.sendall(sess.send(msg) + payload)
+
+    def end_round(self, round_no: int) -> None:
+        """RoundEnd on every data stream, then on the control connection."""
+        for i in range(len(self.streams)):
+            self.stream_send(i, RoundEnd(round=round_no, pages_sent=0, dirty_pages=0))
+        self.send(RoundEnd(round=round_no, pages_sent=0, dirty_pages=0))
+
     def hello(self) -> Welcome:
         self.send(Hello(version_min=PROTOCOL_VERSION, version_max=PROTOCOL_VERSION, agent="raw", features=(), max_live_migrations=1,
                         nonce=make_nonce()))
@@ -74,13 +99,15 @@ class RawSource:
         return w
 
     def close(self) -> None:
+        for s, _ in self.streams:
+            s.close()
         self.sock.close()
 
 
 def prepare(mid: str, vm: str = "raw-vm", pages: int = 256) -> Prepare:
     return Prepare(migration_id=mid, vm=vm, memory_bytes=pages * PAGE, workload="idle", features=(),
                    source="raw", sections=("ram",), setup=msgpack.packb([{"populated": []}]),
-                   verify_mode="incremental")
+                   verify_mode="incremental", streams=1)
 
 
 def test_out_of_range_batch_leaves_nothing_behind(agents, shm_prefix):
@@ -89,9 +116,11 @@ def test_out_of_range_batch_leaves_nothing_behind(agents, shm_prefix):
     try:
         src.hello()
         src.send(prepare("mid-1"))
-        assert isinstance(src.recv(), Ready)
+        ready = src.recv()
+        assert isinstance(ready, Ready)
+        src.open_streams(ready, "mid-1")
         bad = PageBatch(section=0, round=1, runs=((0, 1), (256, 1)), flags=BatchFlags.NONE, payload_len=2 * PAGE)
-        src.send(bad, b"\x01" * 2 * PAGE)
+        src.stream_send(0, bad, b"\x01" * 2 * PAGE)      # a data stream's batch, checked before any byte lands
         ev = src.recv()
         assert isinstance(ev, Abort) and "beyond" in ev.reason
     finally:
@@ -155,8 +184,10 @@ def test_vcpu_state_must_be_the_announced_vms(agents, shm_prefix, case):
     try:
         src.hello()
         src.send(prepare("mid-v"))
-        assert isinstance(src.recv(), Ready)
-        src.send(RoundEnd(round=1, pages_sent=0, dirty_pages=0))
+        ready = src.recv()
+        assert isinstance(ready, Ready)
+        src.open_streams(ready, "mid-v")
+        src.end_round(1)
         state = {"writes": 10, "seed": 1, "cursor": 0, "workload": "idle"}
         if case == "other-workload":
             state["workload"] = "uniform:rate=100"

@@ -61,7 +61,7 @@ def hello(agent: str) -> bytes:
 
 def prepare(vm: str) -> bytes:
     return encode_frame(Prepare(migration_id="m-evil", vm=vm, memory_bytes=4096 * 256, workload="idle", features=(),
-                                source="x", sections=("ram",), setup=b"\x90", verify_mode="incremental"))
+                                source="x", sections=("ram",), setup=b"\x90", verify_mode="incremental", streams=1))
 
 
 def read_all(s) -> bytes:

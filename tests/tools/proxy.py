@@ -13,7 +13,14 @@ connections), the proxy XORs one byte (0xFF) in the first following payload
 page whose page number is at least ``min_page``, once in its lifetime, and
 records ``(page, byte offset in page)`` in ``flipped``. With
 ``flip_after_bytes=None`` it is a plain, transparent relay (the control).
-A stream that does not start with the livemig magic is relayed unparsed.
+A data stream (it starts with the 8-byte DATA_STREAM_MAGIC, protocol v3)
+has the magic relayed and is then parsed the same way. A stream that does
+not start with the livemig magic is relayed unparsed.
+
+``reset_data_stream_after=N`` kills the first data stream that has relayed
+N bytes of page payload: both of its sockets are closed with a TCP reset
+(SO_LINGER 0), the way a dead link or a middlebox would end it; ``reset``
+then names the stream's connection number.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import msgpack
 
 PREFIX = struct.Struct("!4sHHII")
 MAGIC = b"LMIG"
+DATA_MAGIC = b"LMDATA3\n"
 PAGE = 4096
 FLIP_OFFSET_IN_PAGE = 1234
 
@@ -56,8 +64,12 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
 
 
 class FlipProxy:
-    def __init__(self, target: tuple[str, int], flip_after_bytes: int | None = None, min_page: int = 0) -> None:
+    def __init__(self, target: tuple[str, int], flip_after_bytes: int | None = None, min_page: int = 0,
+                 reset_data_stream_after: int | None = None) -> None:
         self.target = target
+        self.reset_data_stream_after = reset_data_stream_after
+        self.reset: int | None = None           # connection number of the stream that was reset
+        self.data_streams = 0
         self.flip_after_bytes = flip_after_bytes
         self.min_page = min_page
         self.page_batch_type = _page_batch_type()
@@ -129,7 +141,7 @@ class FlipProxy:
             for s in (client, upstream):
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._track(s)
-            self._spawn(self._pump_frames, client, upstream)
+            self._spawn(self._pump_frames, client, upstream, self.connections)
             self._spawn(self._pump_raw, upstream, client)
 
     @staticmethod
@@ -154,17 +166,60 @@ class FlipProxy:
             failed = True
         self._half_close(src, dst, failed)
 
-    def _pump_frames(self, src: socket.socket, dst: socket.socket) -> None:
+    def _reset_now(self, data_stream: bool, relayed: int, conn_no: int) -> bool:
+        if self.reset_data_stream_after is None or not data_stream or relayed < self.reset_data_stream_after:
+            return False
+        with self._lock:
+            if self.reset is None:
+                self.reset = conn_no
+            return self.reset == conn_no
+
+    @staticmethod
+    def _rst(*socks: socket.socket) -> None:
+        for s in socks:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _pump_frames(self, src: socket.socket, dst: socket.socket, conn_no: int = 0) -> None:
         failed = False
+        data_stream = False
+        relayed = 0
         try:
+            head = _recv_exact(src, len(DATA_MAGIC))
+            if head is None:
+                self._half_close(src, dst, False)
+                return
+            if head == DATA_MAGIC:
+                data_stream = True
+                with self._lock:
+                    self.data_streams += 1
+                dst.sendall(head)
+                pending = b""
+            else:
+                pending = head
             while True:
-                prefix = _recv_exact(src, PREFIX.size)
+                if self._reset_now(data_stream, relayed, conn_no):
+                    self._rst(src, dst)
+                    return
+                more = _recv_exact(src, PREFIX.size - len(pending)) if len(pending) < PREFIX.size else b""
+                prefix = pending + (more or b"") if (more is not None or pending) else None
+                pending = b""
+                if not prefix:
+                    break
                 if prefix is None:
                     break
                 if len(prefix) < PREFIX.size or prefix[:4] != MAGIC:
-                    dst.sendall(prefix)           # not livemig: relay the rest unparsed
+                    dst.sendall(prefix)           # not livemig (or TLS): relay the rest unparsed
+                    relayed += len(prefix)
                     while data := src.recv(1 << 20):
                         dst.sendall(data)
+                        relayed += len(data)      # TLS: the reset counts ciphertext bytes
+                        if self._reset_now(data_stream, relayed, conn_no):
+                            self._rst(src, dst)
+                            return
                     break
                 _, mtype, _, body_len, payload_len = PREFIX.unpack(prefix)
                 body = _recv_exact(src, body_len) if body_len else b""
@@ -177,6 +232,7 @@ class FlipProxy:
                     break
                 if mtype == self.page_batch_type and payload_len:
                     payload = self._maybe_flip(body, payload)
+                    relayed += payload_len
                 dst.sendall(prefix + body + payload)
         except OSError:
             failed = True
