@@ -41,6 +41,7 @@ from memstore import PAGE_SIZE, chunk_digests, diff_chunks
 MIN_CHUNK_PAGES = 4
 MAX_DIGEST_LIST_BYTES = 2 * 2**20
 DIGEST_BYTES = 16
+HASH_GROUP = 1024           # chunks whose generations are read together, before their hole lookups
 
 
 def digest_chunk_pages(npages: int) -> int:
@@ -65,6 +66,27 @@ def first_difference(ours: bytes, theirs: bytes) -> int | None:
     return bad[0] if bad else None
 
 
+class _DataExtents:
+    """Page ranges known to hold data (SEEK_HOLE answers), kept for the
+    life of a ChunkDigests: guest RAM is never punched, so data never turns
+    back into a hole and a known extent stays true. Only a hole can go stale
+    (the guest or a payload writes it): holes are always looked up afresh.
+    tmpfs answers SEEK_HOLE by walking every data page up to the hole, so it
+    is asked once per extent, not once per chunk or per batch."""
+
+    def __init__(self, next_hole_page) -> None:
+        self._hole = next_hole_page
+        self._start = self._end = -1         # the last extent learnt: [start, end) holds data
+
+    def holds(self, page: int) -> bool:
+        return self._start <= page < self._end
+
+    def learn(self, page: int) -> None:
+        """``page`` holds data (SEEK_DATA said so): learn its extent."""
+        if self._hole is not None:
+            self._start, self._end = page, self._hole(page)
+
+
 class ChunkDigests:
     """Incrementally maintained digests of one memory view (either side).
 
@@ -80,6 +102,7 @@ class ChunkDigests:
         self.chunk_bytes = chunk_pages * PAGE_SIZE
         self.nchunks = (len(ram) + self.chunk_bytes - 1) // self.chunk_bytes
         self._data, self._hole = next_data_page, next_hole_page
+        self._extents = _DataExtents(next_hole_page)
         n = self.nchunks
         self.gen = [1] * n
         self.hashed = [0] * n            # nothing hashed yet: every chunk is stale
@@ -130,24 +153,45 @@ class ChunkDigests:
                 self._inflight.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._submit))
 
     def _hash(self, chunks: list[int]) -> None:
+        """Hash ``chunks`` (sorted); a chunk that is a hole of the segment
+        takes the digest of zeros without being read. A hole extent is looked
+        up once, not once per chunk. The generations of a group are read
+        before its lookups, so a write marked before a generation was read is
+        always seen by the lookup that calls its page a hole (a hole is never
+        claimed for memory a counted write filled)."""
         ram, step, gen, hashed, digests = self.ram, self.chunk_bytes, self.gen, self.hashed, self.digests
-        for c in chunks:
-            g = gen[c]
-            off = c * step
-            d = self._hash_chunk(ram, off, min(step, len(ram) - off))
-            digests[c * DIGEST_BYTES:(c + 1) * DIGEST_BYTES] = d
-            hashed[c] = g
+        n, cp = len(ram), self.chunk_pages
+        npages = n // PAGE_SIZE
+        data_fn = self._data
+        zero: dict[int, bytes] = {}
+        xxh = xxhash.xxh3_128_digest
+        extents = self._extents
+        for i in range(0, len(chunks), HASH_GROUP):
+            group = chunks[i:i + HASH_GROUP]
+            gens = [gen[c] for c in group]
+            data_at = -1                 # as of after `gens`: pages before it (from the last lookup) are holes
+            for k, c in enumerate(group):
+                page = c * cp
+                if data_fn is not None and not extents.holds(page):
+                    chunk_end = min(page + cp, npages)
+                    if data_at < page:
+                        data_at = data_fn(page)       # SEEK_DATA: skips a hole extent at once
+                    if data_at >= chunk_end:          # a hole: zeros, not read
+                        size = (chunk_end - page) * PAGE_SIZE
+                        d = zero.get(size)
+                        if d is None:
+                            d = zero[size] = xxh(bytes(size))
+                        digests[c * DIGEST_BYTES:(c + 1) * DIGEST_BYTES] = d
+                        hashed[c] = gens[k]
+                        continue
+                    if data_at <= page:
+                        extents.learn(page)
+                off = c * step
+                view = ram[off:off + step]
+                digests[c * DIGEST_BYTES:(c + 1) * DIGEST_BYTES] = xxh(view)
+                view.release()
+                hashed[c] = gens[k]
         self.chunks_hashed += len(chunks)
-
-    def _hash_chunk(self, ram: memoryview, off: int, size: int) -> bytes:
-        page = off // PAGE_SIZE
-        if self._data is not None and self._data(page) >= page + size // PAGE_SIZE:
-            return xxhash.xxh3_128_digest(bytes(size))       # a hole: zeros, not read
-        view = ram[off:off + size]
-        try:
-            return xxhash.xxh3_128_digest(view)
-        finally:
-            view.release()
 
     async def drain(self) -> None:
         """Wait until every mark so far is hashed (the worker has caught up):
