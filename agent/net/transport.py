@@ -1,37 +1,41 @@
-"""The IO adapter between asyncio and the sans-IO protocol.
+"""The IO adapter between asyncio and the sans-IO protocol, for a control connection.
 
 ``FrameProtocol`` is an ``asyncio.BufferedProtocol`` driving the one frame
 parser, ``protocol.framing.FrameDecoder``, with exact reads: ``get_buffer``
 returns the decoder's view of exactly the bytes still missing from the
-current prefix or body, and, after the decoder's ``PayloadFollows``, the
-payload sink's views of guest memory, one run at a time. The kernel copies
-each page once, into its final place in the destination segment, and never
-reads past a frame boundary::
+current prefix or body, so nothing is ever read past a frame boundary::
 
-    prefix(16) | body(body_len) | payload(payload_len) -> run0 slice, run1 slice, ...
-    get_buffer: [prefix 16] [body n] [ram[run0]] [ram[run1]] ... [prefix 16] ...
-                 decoder.get_buffer()  sink views (decoder.payload_received)
+    prefix(16) | body(body_len) | prefix(16) | body(body_len) ...
+    get_buffer: decoder.get_buffer(), every time
 
-A batch of many small runs is read into one bounce buffer instead (one recv
-instead of one per 4 KiB run) and scattered with memcpy.
+A control connection carries only control messages (Hello ... Ready,
+RoundEnd/RoundAck, SectionState, the switchover, Query, Abort). The pages
+of a migration travel on its data streams (protocol v3), connections of
+their own served by threads that receive straight into guest memory: see
+``agent/net/datastream.py``. A PageBatch here is refused by the session
+(``UNEXPECTED``) before its payload is announced; a payload announced
+anyway (a session that took a Join) is refused the same way and never read
+into anything but the discard buffer.
 
-Messages (never payloads) go to a bounded inbox; reading pauses while the
-inbox is full. Writes are ``transport.write`` of the encoded frame and of
-memoryviews of the source segment, followed by ``drain()``.
+Messages go to a bounded inbox; reading pauses while the inbox is full.
+Writes are ``transport.write`` of the encoded frame, followed by
+``drain()`` while the write buffer is above its high-water mark; a peer
+that stops reading our answers is not read from either.
 
 With TLS (``agent.net.tls``) the same protocol sits on asyncio's SSL
-transport, which drives a BufferedProtocol the same way: it decrypts
-straight into the views ``get_buffer`` returns (one copy, the decryption
-itself), so payloads still land in guest memory without a bounce.
+transport, which drives a BufferedProtocol the same way.
 
 Until the peer is authenticated (``max_body_bytes``, raised by the
 endpoint's handshake gate) a frame body may not exceed PRE_AUTH_MAX_BODY:
 an unauthenticated peer cannot make the agent hold megabytes per connection.
 
-Errors follow QEMU's sticky-error rule: the first failure (protocol error,
-Abort from the peer, connection lost, IO timeout) is recorded, every later
-``send``/``recv`` raises it, and it is recorded *before* the transport is
-closed.
+Any protocol error is answered with Abort, then a lingering close (the
+peer's further input is read into a discard buffer and dropped, so our
+Abort is not lost to a reset); only a TLS peer not yet authenticated
+(``refuse_silently``) is cut off unanswered. Errors follow QEMU's sticky-error rule: the
+first failure (protocol error, Abort from the peer, connection lost, IO
+timeout) is recorded, every later ``send``/``recv`` raises it, and it is
+recorded *before* the transport is closed.
 """
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ import asyncio
 import collections
 import ssl
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from protocol import (
     CLOSED,
@@ -49,7 +53,6 @@ from protocol import (
     LocalProtocolError,
     Message,
     MigrationSession,
-    PageBatch,
     ProtocolError,
     Reject,
     RemoteProtocolError,
@@ -62,19 +65,14 @@ from agent.errors import PeerError, PeerLost
 INBOX_LIMIT = 256               # messages queued before reading pauses
 LINGER_S = 1.0                  # after answering a bad peer, drain its input this long before closing
 WRITE_HIGH_WATER = 8 * 1024 * 1024
-SCATTER_MIN_RUNS = 4            # batches of more runs than this, averaging at most
-SCATTER_AVG_BYTES = 64 * 1024   # ... this per run, are received through a bounce buffer
 DISCARD_BYTES = 65536           # read size while lingering after a protocol error
 PRE_AUTH_MAX_BODY = 64 * 1024   # largest frame body before authentication (a Hello is < 4 KiB)
-
-PayloadSink = Callable[[PageBatch], Sequence[memoryview]]
 
 
 class FrameProtocol(asyncio.BufferedProtocol):
     def __init__(self, session: MigrationSession, on_connect: Callable[["FrameProtocol"], None] | None = None) -> None:
         self.session = session
         self.transport: asyncio.Transport | None = None
-        self.payload_sink: PayloadSink | None = None
         self.failure: BaseException | None = None
         self.peer: str = "?"
         self.bytes_received = 0
@@ -86,14 +84,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self._write_ok = asyncio.Event()
         self._write_ok.set()
         self._closed = asyncio.Event()
-        # read side: the decoder owns prefix and body; a payload goes to _targets
+        # read side: the decoder owns every byte (prefix and body). Pass-through
+        # mode, so that a payload is announced (PayloadFollows) and refused,
+        # never buffered or copied by the decoder.
         self._decoder = FrameDecoder(payload_passthrough=True)
-        self._batch: PageBatch | None = None       # parsed, its payload not yet in
-        self._targets: Sequence[memoryview] = ()   # where the payload goes, in stream order
-        self._ti = 0                               # current target
-        self._got = 0                              # bytes of it filled
-        self._scatter: Sequence[memoryview] | None = None   # sink views behind the bounce buffer
-        self._bounce = bytearray(0)
         self._discard: memoryview | None = None    # set once a protocol error was answered
         #: largest frame body accepted now; the handshake gate raises it once the peer is authenticated
         self.max_body_bytes = MAX_FRAME_BYTES
@@ -114,8 +108,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self._on_connect(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._targets:
-            return self._targets[self._ti][self._got:]
         if self._discard is not None:
             return self._discard
         view = self._decoder.get_buffer()
@@ -132,82 +124,29 @@ class FrameProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         self.bytes_received += nbytes
         self.last_rx = time.monotonic()
+        if self._discard is not None:       # lingering after an error: dropped unparsed
+            return
         try:
-            if self._targets:
-                self._decoder.payload_received(nbytes)
-                got = self._got = self._got + nbytes
-                if got < len(self._targets[self._ti]):
-                    return
-                self._ti += 1
-                self._got = 0
-                if self._ti == len(self._targets):
-                    self._payload_done()   # the decoder now waits for the next prefix
-                return
-            elif self._discard is not None:
-                return
-            else:
-                self._decoder.buffer_updated(nbytes)
+            self._decoder.buffer_updated(nbytes)
             self._pump()
         except ProtocolError as exc:
             self._protocol_error(exc)
-        except Exception as exc:  # a payload sink bug must not kill the loop
+        except Exception as exc:  # a bug must not kill the loop: the peer is told, the connection fails
             self._protocol_error(RemoteProtocolError(f"internal error: {exc!r}", ErrorCode.INTERNAL))
 
     def _pump(self) -> None:
-        """Take every event the decoder has, up to a payload or more needed bytes."""
+        """Take every event the decoder has, up to more needed bytes."""
         decoder = self._decoder
         while True:
             event = decoder.next_event()
             if event is NEED_DATA or event is CLOSED:
                 return
             if type(event) is PayloadFollows:
-                self._start_payload(event.nbytes)
-                return
-            msg = self.session.receive(event)
-            if type(msg) is PageBatch and msg.payload_len:
-                self._batch = msg              # delivered once its payload is in memory
-            else:
-                self._deliver(msg)
-
-    def _start_payload(self, nbytes: int) -> None:
-        msg = self._batch
-        if msg is None or nbytes != msg.payload_len:   # the decoder announces right after the batch
-            raise LocalProtocolError(f"payload of {nbytes} bytes without its batch")
-        if self.payload_sink is None:
-            raise RemoteProtocolError("page batch outside a transfer", ErrorCode.UNEXPECTED)
-        targets = self.payload_sink(msg)
-        if sum(len(t) for t in targets) != nbytes:
-            for t in targets:
-                t.release()
-            raise RemoteProtocolError("payload does not match its runs", ErrorCode.MALFORMED)
-        if len(targets) > SCATTER_MIN_RUNS and nbytes <= SCATTER_AVG_BYTES * len(targets):
-            # Many small runs: one recv into a bounce buffer, then scatter with
-            # memcpy, instead of one recv_into syscall per 4 KiB run.
-            if len(self._bounce) < nbytes:
-                self._bounce = bytearray(nbytes)
-            self._scatter = targets
-            targets = [memoryview(self._bounce)[:nbytes]]
-        self._targets, self._ti, self._got = targets, 0, 0
-
-    def _payload_done(self) -> None:
-        if self._scatter is not None:
-            src, off = self._targets[0], 0
-            for t in self._scatter:
-                n = len(t)
-                t[:] = src[off:off + n]
-                off += n
-        self._release_targets()
-        batch, self._batch = self._batch, None
-        self._deliver(batch)
-
-    def _release_targets(self) -> None:
-        for t in self._targets:
-            t.release()
-        self._targets = ()
-        if self._scatter is not None:
-            for t in self._scatter:
-                t.release()
-            self._scatter = None
+                # The session refuses a PageBatch on a control connection; one
+                # that took a Join does not, and its payload is refused here.
+                raise RemoteProtocolError("page payload on a control connection (pages go on data streams)",
+                                          ErrorCode.UNEXPECTED)
+            self._deliver(self.session.receive(event))
 
     def _deliver(self, msg: Message) -> None:
         if isinstance(msg, Abort) and self.failure is None:
@@ -225,10 +164,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         if self.failure is None:
-            # Without its traceback: the frames would keep views of guest memory alive.
+            # Without its traceback: it is kept (and raised again) as long as the
+            # connection, and the parser's frames are no use to whoever raises it.
             self.failure = exc.with_traceback(None)
-        self._release_targets()
-        self._batch = None
         if self._discard is None:   # nothing more is parsed: the decoder is in its error state
             self._discard = memoryview(bytearray(DISCARD_BYTES))
         tr = self.transport
@@ -256,17 +194,14 @@ class FrameProtocol(asyncio.BufferedProtocol):
             except ProtocolError as exc:
                 if self.failure is None:
                     self.failure = exc.with_traceback(None)
-                self._release_targets()
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.failure is None:
             self.failure = PeerLost(f"connection to {self.peer} lost" + (f": {exc}" if exc else " (EOF)"))
-        self._release_targets()
-        # Nothing more is parsed: free a partly received body (up to 4 MiB) and the
-        # bounce buffer now, not when the cyclic GC gets to this protocol.
+        # Nothing more is parsed: free a partly received body (up to 4 MiB)
+        # now, not when the cyclic GC gets to this protocol.
         self._decoder = FrameDecoder(payload_passthrough=True)
-        self._bounce = bytearray(0)
         self._write_ok.set()
         self._closed.set()
         self._wake()
@@ -291,13 +226,9 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if self.failure is not None:
             raise self.failure
 
-    async def send(self, msg: Message, payload: Sequence[memoryview] = (), *, timeout_s: float = 30.0) -> None:
+    async def send(self, msg: Message, *, timeout_s: float = 30.0) -> None:
         self.check()
-        data = self.session.send(msg)
-        if payload:
-            self.transport.writelines([data, *payload])     # one writev, pages not copied
-        else:
-            self.transport.write(data)
+        self.transport.write(self.session.send(msg))
         if not self._write_ok.is_set():
             await self.drain(timeout_s)
 
