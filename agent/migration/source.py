@@ -307,8 +307,8 @@ class SourceMigration:
         await self._end_round(st.rounds + 1, st.stop_copy_pages, t0)
         paused_ms = (time.monotonic() - self.t_pause) * 1000.0    # so the destination can tell its downtime
         await self.conn.send(StateTransfer(vcpu_state=vm.ctl.vcpu_state(), device_state=self.stream.device_state(paused_ms)))
-        # The rest of the last round leaves meanwhile; the streams end (EOF) and their threads are joined.
-        await self.stream.data.finish(self.host.cfg.migration.io_timeout_s)
+        # The rest of the last round leaves meanwhile; the streams end (EOF), their threads are joined at the end.
+        self.stream.data.finish()
 
     async def _verify(self) -> None:
         """Every section's digests of the frozen source against the

@@ -179,9 +179,17 @@ class _Sender(threading.Thread):
                 except RuntimeError:       # the loop is closing
                     pass
         finally:
-            with self.cv:
-                self.items.clear()         # drops every queued view of guest memory
-                self.busy = False
+            self.drop_items()
+
+    def drop_items(self) -> None:
+        """Every queued view of guest memory goes (the lists too: a caller's
+        frame kept by a traceback may still hold one)."""
+        with self.cv:
+            for it in self.items:
+                if it is not None:
+                    it[1].clear()
+            self.items.clear()
+            self.busy = False
 
     def _send(self, frame: bytes, views: list) -> None:
         sock = self.sock
@@ -358,20 +366,30 @@ class OutboundStreams:
         for s, sess in zip(self.senders, self.sessions):
             s.put(sess.send(RoundEnd(round=round_no, pages_sent=pages, dirty_pages=dirty)), [], 0)
 
-    async def finish(self, timeout_s: float) -> None:
-        """Send what is queued, end every stream (EOF) and join the threads."""
+    def finish(self) -> None:
+        """No more pages: each stream sends what it has queued, then ends
+        (EOF). Not waited for: the destination's answer (its digests) says
+        everything arrived; ``close()`` joins the threads afterwards."""
+        self.check()
         for s in self.senders:
             s.finish()
+
+    async def finish_and_join(self, timeout_s: float) -> None:
+        """finish(), then wait until every stream has sent everything and
+        ended; a stream that cannot within ``timeout_s`` is a failure."""
+        self.finish()
         await self._join(timeout_s)
         self.check()
 
     async def close(self) -> None:
-        """Stop at once (failure, cancel, rollback) and join the threads."""
+        """Stop what still runs (failure, cancel, rollback; after a finish the
+        threads have ended or are ending) and join the threads."""
         for s in self.senders:
             if s.is_alive():
                 s.stop()
         await self._join(5.0)
         for s in self.senders:
+            s.drop_items()                 # also what was queued after a thread had ended
             try:
                 s.sock.close()
             except OSError:
@@ -384,6 +402,9 @@ class OutboundStreams:
                 continue
             await asyncio.to_thread(s.join, max(0.0, t_end - time.monotonic()))
             if s.is_alive():                 # a send stuck past the deadline: wake it
+                if self.failure is None and not s.stopping:
+                    self.failure = PeerLost(f"data stream {s.index} could not send what it had queued "
+                                            f"within {timeout_s:g} s")
                 s.stop()
                 await asyncio.to_thread(s.join)
 
@@ -523,6 +544,7 @@ class InboundStreams:
         self.loop = asyncio.get_running_loop()
         self.receivers: list[_Receiver | None] = [None] * n
         self.synced = [0] * n
+        self._ended_streams: set[int] = set()
         self.failure: BaseException | None = None
         self._changed = asyncio.Event()
         self.closed = False
@@ -584,14 +606,15 @@ class InboundStreams:
         self._changed.set()
 
     def _ended(self, index: int) -> None:
+        self._ended_streams.add(index)
         self._changed.set()
 
     def _failed(self, index: int, exc: BaseException) -> None:
         if self.failure is None and not self.closed:
-            if isinstance(exc, (ProtocolError, PeerLost, PeerError)):
-                self.failure = exc
-            else:
+            if isinstance(exc, OSError) or not isinstance(exc, Exception):
                 self.failure = PeerLost(f"data stream {index}: {exc or type(exc).__name__}")
+            else:                  # a protocol error, a full /dev/shm (SegmentError), ...: as it is
+                self.failure = exc
             log.warning("data_stream_failed", stream=index, error=str(self.failure))
             self._on_failure(self.failure)
         self._changed.set()
@@ -607,6 +630,9 @@ class InboundStreams:
         while not self.reached_now(round_no):
             if self.failure is not None:
                 raise self.failure
+            for i in self._ended_streams:     # loop-side: after that stream's last RoundEnd was seen
+                if self.synced[i] < round_no:
+                    raise PeerLost(f"data stream {i} ended before round {round_no}")
             left = deadline - time.monotonic()
             if left <= 0:
                 missing = self.n - self.joined()
