@@ -55,6 +55,7 @@ from protocol import (
     ErrorCode,
     Join,
     MigrationSession,
+    MsgType,
     PageBatch,
     ProtocolError,
     RemoteProtocolError,
@@ -62,7 +63,7 @@ from protocol import (
     RoundEnd,
     encode_frame,
 )
-from protocol.framing import FrameDecoder, PayloadFollows
+from protocol.framing import PREFIX_SIZE, FrameDecoder, PayloadFollows, decode_body, parse_prefix
 
 from agent.errors import PeerError, PeerLost
 from agent.observe.logs import get_logger
@@ -294,9 +295,17 @@ class OutboundStreams:
     async def open(self, host: str, port: int, migration_id: str, token: bytes, ctx, expect_peer: str | None,
                    timeout_s: float, io_timeout_s: float) -> None:
         """Connect every stream (in parallel threads) and start its sender."""
-        tasks = [asyncio.to_thread(_connect_one, host, port, i, migration_id, token, ctx, expect_peer,
-                                   timeout_s, io_timeout_s) for i in range(self.n)]
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        tasks = [asyncio.ensure_future(asyncio.to_thread(_connect_one, host, port, i, migration_id, token, ctx,
+                                                         expect_peer, timeout_s, io_timeout_s))
+                 for i in range(self.n)]
+        try:
+            results = await asyncio.shield(asyncio.gather(*tasks, return_exceptions=True))
+        except asyncio.CancelledError:
+            # Cancelled (the job): the connects finish in their threads; close what they made.
+            for r in await asyncio.gather(*tasks, return_exceptions=True):
+                if not isinstance(r, BaseException):
+                    r[0].close()
+            raise
         errors = [r for r in results if isinstance(r, BaseException)]
         for r in results:
             if not isinstance(r, BaseException):
@@ -688,28 +697,25 @@ def accept_data_stream(sock: socket.socket, ctx: ssl.SSLContext | None, timeout_
             peer_name = peer_identity(sock)
             if on_tls is not None:
                 on_tls()
-        dec = FrameDecoder(payload_passthrough=True)
+        # The Join, read by hand: its prefix is checked before a body buffer
+        # exists, so an unauthenticated peer cannot make us allocate 4 MiB.
+        head = bytearray(PREFIX_SIZE)
+        _recv_exact(sock, memoryview(head))
+        prefix = parse_prefix(head)
+        if prefix.type is not MsgType.JOIN:
+            raise RemoteProtocolError(f"{prefix.type.name} on a data stream, expected Join", ErrorCode.UNEXPECTED)
+        if prefix.body_len > JOIN_MAX_BODY or prefix.payload_len:
+            raise RemoteProtocolError(f"a {prefix.type.name} of {prefix.body_len}+{prefix.payload_len} bytes "
+                                      f"where a Join belongs", ErrorCode.TOO_LARGE)
+        body = bytearray(prefix.body_len)
+        _recv_exact(sock, memoryview(body))
         session = MigrationSession(Role.DESTINATION)
-        while True:
-            ev = dec.next_event()
-            if ev is NEED_DATA:
-                buf = dec.get_buffer()
-                if len(buf) > JOIN_MAX_BODY:
-                    raise RemoteProtocolError(f"a {len(buf)}-byte frame before Join", ErrorCode.TOO_LARGE)
-                n = sock.recv_into(buf)
-                buf.release()
-                if n == 0:
-                    raise PeerLost("data stream closed before Join")
-                dec.buffer_updated(n)
-                continue
-            if ev is CLOSED or type(ev) is PayloadFollows:
-                raise RemoteProtocolError("data stream without Join", ErrorCode.UNEXPECTED)
-            join = session.receive(ev)
-            if type(join) is not Join:          # the session also allows a control connection's Hello here
-                raise RemoteProtocolError(f"{type(join).__name__} on a data stream, expected Join",
-                                          ErrorCode.UNEXPECTED)
-            sock.settimeout(None)               # from here the migration's own deadlines apply
-            return sock, join, session, peer_name
+        join = session.receive(decode_body(prefix, body))
+        if type(join) is not Join:          # the session also allows a control connection's Hello here
+            raise RemoteProtocolError(f"{type(join).__name__} on a data stream, expected Join",
+                                      ErrorCode.UNEXPECTED)
+        sock.settimeout(None)               # from here the migration's own deadlines apply
+        return sock, join, session, peer_name
     except BaseException:
         sock.close()
         raise

@@ -43,6 +43,7 @@ import asyncio
 import errno
 import socket
 import ssl
+import threading
 import time
 
 from protocol import DATA_STREAM_MAGIC, MigrationSession, ProtocolError, Query, Role
@@ -66,6 +67,39 @@ ACCEPT_RETRY_S = 0.1
 LOG_BURST = 20          # lines per event kind per LOG_WINDOW_S, then one summary: a flood cannot flood the log
 LOG_WINDOW_S = 1.0
 EVICT_GRACE_S = 0.5     # an unauthenticated connection younger than this is evicted last
+
+
+async def _in_own_thread(fn, *args):
+    """``fn(*args)`` in a thread of its own, not the loop's default executor:
+    a data stream's handshake may block for the gate's timeout, and a flood
+    of them (bounded by the gate) must not starve the agent's other blocking
+    calls. Cancelled meanwhile: a socket it returns later is closed."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(result, exc) -> None:
+        if fut.done():                       # cancelled: nobody takes the socket
+            if exc is None:
+                result[0].close()
+            return
+        if exc is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(exc)
+
+    def run() -> None:
+        try:
+            result, exc = fn(*args), None
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting task
+            result, exc = None, e.with_traceback(None)
+        try:
+            loop.call_soon_threadsafe(settle, result, exc)
+        except RuntimeError:                 # the loop is closed: the agent is gone
+            if result is not None:
+                result[0].close()
+
+    threading.Thread(target=run, name="data-stream-accept", daemon=True).start()
+    return await fut
 
 
 class _Throttle:
@@ -351,7 +385,7 @@ class MigrationEndpoint:
             loop.call_soon_threadsafe(lambda: h.done or h.authenticated())
 
         try:
-            sock, join, session, peer_name = await asyncio.to_thread(
+            sock, join, session, peer_name = await _in_own_thread(
                 datastream.accept_data_stream, h.sock, self.ssl_context, self.gate.timeout_s, tls_done)
         except (ssl.SSLError, OSError, ProtocolError, PeerLost, tls.PeerIdentityError, ValueError) as exc:
             if not h.dropped:
