@@ -23,6 +23,7 @@ THROTTLE_PERIOD_S = 1.0        # how often the throttle is reconsidered (also in
 TRIGGER_PERIODS = 1            # ... periods over the ratio in a row before a step
 STALL_ROUNDS = 3               # dirty set not shrinking for this many rounds
 SMALL_REMAINDER_BYTES = 1 << 20   # below this the pause is ~1 ms: switch over
+MAX_EXTRA_ROUNDS = 2             # rounds after the last round's ack, when waiting for it let the rest grow
 SHRINK_FACTOR = 2              # "pays": the last round at least halved the dirty set
 
 

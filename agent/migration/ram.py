@@ -24,7 +24,7 @@ from memstore import PAGE_SIZE, DirtyMap, PageRun, split_zero
 from protocol import MAX_BATCH_RUNS, BatchFlags, ErrorCode, PageBatch, RemoteProtocolError
 
 from agent.migration.section import IncomingSection, OutgoingSection
-from agent.migration.verify import ChunkDigests, digest_chunk_pages
+from agent.migration.verify import DIGEST_GROUP, ChunkDigests, digest_chunk_pages, fold_digests
 
 MADV_POPULATE_WRITE = 23        # Linux >= 5.14
 BATCH_PAGES = 256               # 1 MiB of payload per batch of dirty pages
@@ -181,7 +181,10 @@ class _Digested:
         await self.digest.drain()
 
     async def digests(self, mode: str) -> tuple[int, bytes]:
-        return self.digest.chunk_pages, await self.digest.finish(mode)
+        """Folded (verify.fold_digests): one digest per DIGEST_GROUP chunks;
+        both halves fold alike, so the comparison stays exact."""
+        full = await self.digest.finish(mode)
+        return self.digest.chunk_pages * DIGEST_GROUP, fold_digests(full)
 
     async def cleanup(self, committed: bool) -> None:
         await asyncio.to_thread(self.digest.close)
