@@ -60,7 +60,7 @@ from agent.daemon.vm import Vm, VmRecord, check_workload
 from agent.errors import AdmissionRefused, AgentError, PeerLost, VmError
 from agent.migration import testhooks
 from agent.migration.jobs import Job
-from agent.migration.phases import MigrationPhase as P, log_phase_change
+from agent.migration.phases import MigrationPhase as P, gc_paused, log_phase_change
 from agent.migration.catalog import SECTIONS
 from agent.migration.section import IncomingSection
 from agent.net.accept import accept
@@ -189,9 +189,10 @@ class DestinationMigration:
             await self._negotiate(p)
             await self._setup(p)
             state = await self._precopy()
-            await self._stop_and_copy(state)
-            await self._verify(p.verify_mode)
-            await self._resume()
+            with gc_paused():                 # the source's guest is paused until our Resumed
+                await self._stop_and_copy(state)
+                await self._verify(p.verify_mode)
+                await self._resume()
             await self._commit()
 
     async def _negotiate(self, p: Prepare) -> None:

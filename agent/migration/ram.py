@@ -24,6 +24,7 @@ from memstore import PAGE_SIZE, DirtyMap, PageRun, split_zero
 from protocol import MAX_BATCH_RUNS, BatchFlags, ErrorCode, PageBatch, RemoteProtocolError
 
 from agent.migration.section import IncomingSection, OutgoingSection
+from agent.net.datastream import STREAM_CHUNK_PAGES
 from agent.migration.verify import DIGEST_GROUP, ChunkDigests, digest_chunk_pages, fold_digests
 
 MADV_POPULATE_WRITE = 23        # Linux >= 5.14
@@ -298,6 +299,10 @@ class RamIn(_Digested, IncomingSection):
                                    self.ram.next_data_page, self.ram.next_hole_page, fresh_zero=True)
         self.pages_received = 0
         self.faulter: AheadFaulter | None = None
+        # Digests hashed by the receiving stream's thread (hash_now) when a
+        # digest chunk lies inside one stream chunk (it always does below 512 GiB).
+        cp = self.digest.chunk_pages
+        self.hash_in_stream = cp <= STREAM_CHUNK_PAGES and STREAM_CHUNK_PAGES % cp == 0
 
     async def setup(self, info: dict) -> None:
         runs = info.get("populated", [])
@@ -333,29 +338,32 @@ class RamIn(_Digested, IncomingSection):
         return [ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE] for first, count in batch.runs]
 
     def apply_in_stream(self, batch: PageBatch) -> None:
-        """A zero batch, in the data stream's thread and order (a later copy
-        of the same page comes behind it on the same stream)."""
+        """In the data stream's thread and order (a later copy of the same
+        page comes behind it on the same stream): a zero batch's zeros, then
+        the digests of what the batch changed, hashed here while the bytes
+        are in cache (verify.ChunkDigests.hash_now)."""
         ram = self.ram
-        for first, count in batch.runs:
-            if first + count > ram.npages:
-                raise RemoteProtocolError(f"zero pages {first}+{count} beyond the VM", ErrorCode.MALFORMED)
-        if batch.round == 1:
-            return                   # a fresh shell is zero already; round 1 sends each page once
-        if self.faulter is not None:
-            self.faulter.ensure(batch.runs)
-        for first, count in batch.runs:
-            for a in range(first, first + count, 64):
-                n = min(64, first + count - a)
-                ram.ram[a * PAGE_SIZE:(a + n) * PAGE_SIZE] = _ZERO[: n * PAGE_SIZE]
+        if batch.flags & BatchFlags.ZERO:
+            for first, count in batch.runs:
+                if first + count > ram.npages:
+                    raise RemoteProtocolError(f"zero pages {first}+{count} beyond the VM", ErrorCode.MALFORMED)
+            if batch.round == 1:
+                return               # a fresh shell is zero already; round 1 sends each page once
+            if self.faulter is not None:
+                self.faulter.ensure(batch.runs)
+            for first, count in batch.runs:
+                for a in range(first, first + count, 64):
+                    n = min(64, first + count - a)
+                    ram.ram[a * PAGE_SIZE:(a + n) * PAGE_SIZE] = _ZERO[: n * PAGE_SIZE]
+        if self.hash_in_stream:
+            self.digest.hash_now(batch.runs)
 
     def on_batch(self, batch: PageBatch) -> None:
         """Bookkeeping (loop thread), after the batch's bytes are in place."""
-        if batch.flags & BatchFlags.ZERO:
-            if batch.round > 1:
-                self.digest.mark(batch.runs)      # apply_in_stream zeroed them
-            return
-        self.pages_received += batch.pages
-        self.digest.mark(batch.runs)              # exactly the views payload_sink handed out
+        if not batch.flags & BatchFlags.ZERO:
+            self.pages_received += batch.pages
+        if not self.hash_in_stream and (batch.round > 1 or not batch.flags & BatchFlags.ZERO):
+            self.digest.mark(batch.runs)          # exactly what payload_sink / apply_in_stream changed
 
     async def cleanup(self, committed: bool) -> None:
         faulter = self.faulter

@@ -20,8 +20,9 @@ Incoming half (destination)::
     setup(info)                           build what receives (admission already passed)
     payload_sink(batch)     -> views      where a PageBatch's payload lands (zero copy);
                                           called by a data stream's thread
-    apply_in_stream(batch)                a zero batch's effect, in that thread and in
-                                          stream order (a newer copy of a page is behind it)
+    apply_in_stream(batch)                in that thread and in stream order, after a
+                                          batch's payload landed or for a zero batch (a
+                                          newer copy of a page is always behind it)
     on_batch(batch) / on_state(data)      loop thread: after a batch's bytes / a SectionState arrived
     digests(mode)           -> (chunk_pages, bytes)   of what it holds, guest still paused
     activate()                            just before the guest resumes (e.g. open files)
@@ -108,9 +109,10 @@ class IncomingSection(abc.ABC):
         raise RemoteProtocolError(f"section {self.NAME!r} takes no page batches", ErrorCode.UNEXPECTED)
 
     def apply_in_stream(self, batch: PageBatch) -> None:
-        """A zero batch (no payload), in the receiving stream's thread and
-        order; a section that keeps all effects in ``on_batch`` (which runs
-        on the loop in each stream's order too) leaves this empty."""
+        """In the receiving stream's thread and order: after a batch's
+        payload landed, or a zero batch's (no payload) effect. A section that
+        keeps all effects in ``on_batch`` (which runs on the loop in each
+        stream's order too) leaves this empty."""
 
     def on_batch(self, batch: PageBatch) -> None:
         """A batch's bytes (or its zero runs) are in place (loop thread)."""

@@ -48,7 +48,7 @@ from agent.errors import AgentError, MigrationAborted, PeerError, VmError
 from agent.migration import convergence, testhooks
 from agent.migration.jobs import Job
 from agent.migration.catalog import SECTIONS
-from agent.migration.phases import MigrationPhase as P, log_phase_change
+from agent.migration.phases import MigrationPhase as P, gc_paused, log_phase_change
 from agent.migration.recovery import (Outcome, ask_until_answered, keep_running_here, release_source,
                                       resume_here, spawn_resolver)
 from agent.migration.section import OutgoingSection
@@ -183,16 +183,18 @@ class SourceMigration:
         await self._precopy()
         await self._enter(P.PRECOPY, P.STOP_AND_COPY)
         deadline = self.host.cfg.migration.switchover_deadline_s(self.downtime_target_ms)
-        try:
-            async with asyncio.timeout(deadline) as cm:      # from the pause until Resume is sent
-                await self._stop_and_copy()
-                await self._verify()
-        except TimeoutError:
-            if not cm.expired():
-                raise
-            raise MigrationAborted(self.job.phase.value, f"switchover deadline of {deadline * 1000:.0f} ms passed "
-                                                         f"before the destination was verified; resumed on the source") from None
-        await self._resume()
+        with gc_paused():                                    # the guest is paused from here to Resumed
+            try:
+                async with asyncio.timeout(deadline) as cm:  # from the pause until Resume is sent
+                    await self._stop_and_copy()
+                    await self._verify()
+            except TimeoutError:
+                if not cm.expired():
+                    raise
+                raise MigrationAborted(self.job.phase.value, f"switchover deadline of {deadline * 1000:.0f} ms "
+                                                             f"passed before the destination was verified; resumed "
+                                                             f"on the source") from None
+            await self._resume()
         await self._commit()
 
     async def _negotiate(self) -> None:

@@ -80,8 +80,8 @@ async def hold(data_dir: str, role: str, phase, job_id: str) -> None:
 
 def stream_hold() -> tuple[int, int] | None:
     """``LIVEMIG_TEST_STREAM_HOLD=stream:round``: the destination's data
-    stream ``stream`` reads nothing until every other stream delivered its
-    RoundEnd(round), so that stream's older copies are still in flight while
+    stream ``stream`` reads nothing until another stream received a page of
+    round ``round``, so that stream's older copies are still in flight while
     newer rounds land on the others (the ordering test). None: no hold."""
     spec = os.environ.get("LIVEMIG_TEST_STREAM_HOLD", "")
     if not spec:

@@ -72,7 +72,7 @@ log = get_logger("livemig.datastream")
 
 PAGE = 4096
 STREAM_CHUNK_PAGES = 1024          # 4 MiB: the unit pages are spread over the streams by
-QUEUE_BYTES = 8 * 2**20            # per stream, queued in the sender before the loop waits
+QUEUE_BYTES = 2 * 2**20            # per stream, queued in the sender before the loop waits
 COALESCE_BYTES = 256 * 1024        # TLS: views smaller than this are gathered into one write
 IOV_MAX = 512                      # iovecs per sendmsg (Linux allows 1024)
 SCATTER_MIN_RUNS = 4               # as transport.py: many small runs go through a bounce buffer
@@ -473,12 +473,14 @@ class _Receiver(threading.Thread):
                 if batch is None or ev.nbytes != batch.payload_len:
                     raise RemoteProtocolError(f"payload of {ev.nbytes} bytes without its batch", ErrorCode.MALFORMED)
                 self._payload(dec, batch)
+                owner.apply(batch)                       # in-thread effects (digests), in stream order
                 owner.post(owner._batch, batch)
                 batch = None
                 continue
             msg = session.receive(ev)
             if type(msg) is PageBatch:
                 owner.check_batch(msg)
+                owner.note_round(self.index, msg.round)
                 if msg.payload_len:
                     batch = msg
                 else:
@@ -529,7 +531,8 @@ class InboundStreams:
     """The destination's data streams of one migration.
 
     ``sink(batch)`` (thread): views where a batch's payload lands;
-    ``apply(batch)`` (thread): a zero batch's effect on memory, in stream order;
+    ``apply(batch)`` (thread): once a batch's bytes are in place (or, for a
+    zero batch, to put them there), in stream order;
     ``on_batch(batch)`` (loop): bookkeeping once a batch's bytes are in place;
     ``on_failure(exc)`` (loop): a stream failed.
     """
@@ -545,14 +548,15 @@ class InboundStreams:
         self.sink, self.apply, self.check_batch = sink, apply, check_batch
         self._on_batch, self._on_failure = on_batch, on_failure
         # Test hook (LIVEMIG_TEST_STREAM_HOLD=stream:round): that stream reads
-        # nothing until every other stream delivered RoundEnd(round), so its
-        # older copies are still in flight while newer rounds land elsewhere.
+        # nothing until another stream received a page of round `round`, so
+        # its older copies are still in flight while newer rounds land elsewhere.
         self._hold = hold
         self._released = threading.Event()
         self.hold_released_at: list[int] | None = None
         self.loop = asyncio.get_running_loop()
         self.receivers: list[_Receiver | None] = [None] * n
         self.synced = [0] * n
+        self.seen = [0] * n                  # the latest round each stream's thread has seen a batch of
         self._ended_streams: set[int] = set()
         self.failure: BaseException | None = None
         self._changed = asyncio.Event()
@@ -590,15 +594,16 @@ class InboundStreams:
             log.info("data_stream_held", stream=index, until_round=self._hold[1])
             self._released.wait(60.0)
 
-    def _check_hold(self) -> None:
-        if self._hold is None or self._released.is_set():
-            return
-        held, rnd = self._hold
-        others = [s for i, s in enumerate(self.synced) if i != held]
-        if others and min(others) >= rnd:
-            self.hold_released_at = list(self.synced)
-            log.info("data_stream_hold_released", stream=held, synced=self.hold_released_at)
-            self._released.set()
+    def note_round(self, index: int, round_no: int) -> None:
+        """A stream's thread saw a batch of ``round_no`` (for the test hold)."""
+        if round_no > self.seen[index]:
+            self.seen[index] = round_no
+            if self._hold is not None and index != self._hold[0] and round_no >= self._hold[1] \
+                    and not self._released.is_set():
+                held = self._hold[0]
+                self.hold_released_at = list(self.seen)
+                log.info("data_stream_hold_released", stream=held, seen=list(self.seen), synced=list(self.synced))
+                self._released.set()
 
     def _batch(self, batch: PageBatch) -> None:
         if self.failure is not None or self.closed:
@@ -611,7 +616,6 @@ class InboundStreams:
     def _synced(self, index: int, round_no: int) -> None:
         if round_no > self.synced[index]:
             self.synced[index] = round_no
-        self._check_hold()
         self._changed.set()
 
     def _ended(self, index: int) -> None:

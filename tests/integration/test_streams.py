@@ -4,9 +4,9 @@
   the smaller number when the two agents offer different counts; verified,
   the guest's counter continues on the destination.
 - Forced reordering: the destination's stream 1 reads nothing until stream 0
-  delivered round 2 (LIVEMIG_TEST_STREAM_HOLD), so round 1's copies on
-  stream 1 are still in flight while newer rounds land on stream 0 and
-  round 2 re-sends pages of stream 1's chunks behind them. The migration
+  received a page of round 2 (LIVEMIG_TEST_STREAM_HOLD), so round 1's copies
+  on stream 1 are still in flight while round 2 lands on stream 0 and
+  re-sends pages of stream 1's chunks behind them. The migration
   ends verified (the destination's memory equals the frozen source, so no
   stale copy won) and the hold demonstrably happened.
 - Killing one data stream's connection (a TCP reset, from a proxy that
@@ -75,11 +75,10 @@ def test_streams_are_the_smaller_offer(plain_agents, shm_prefix):
 
 def test_newer_copy_wins_while_an_older_one_is_in_flight_on_a_held_stream(plain_agents, shm_prefix):
     # 8 MiB = two 4 MiB chunks, one per stream: stream 1's part of round 1
-    # and of round 2 (4 MiB each at most) fit its send queue and the socket
-    # buffers while its reader is held, so the source finishes round 2 on
-    # stream 0. The cap and the 1 ms target make the source iterate: the
-    # guest dirties its hot set (all 8 MiB: both streams' chunks) much faster
-    # than 1 ms of a 40 MiB/s link carries.
+    # (one 4 MiB batch) fits its send queue while its reader is held, and
+    # round 2 sends chunk 0 (stream 0) first. The cap and the 1 ms target make
+    # the source iterate: the guest dirties its hot set (all 8 MiB: both
+    # streams' chunks) much faster than 1 ms of a 40 MiB/s link carries.
     a = plain_agents("A", "--set", "migration.streams=2")
     b = plain_agents("B", "--set", "migration.streams=2", env={"LIVEMIG_TEST_STREAM_HOLD": "1:2"})
     w0 = start_vm(a, memory="8M")
@@ -91,7 +90,7 @@ def test_newer_copy_wins_while_an_older_one_is_in_flight_on_a_held_stream(plain_
     log = b.log_tail(400)
     assert "data_stream_held" in log and "data_stream_hold_released" in log, log[-3000:]
     released = [json.loads(line) for line in log.splitlines() if "data_stream_hold_released" in line][0]
-    assert released["synced"][0] >= 2 and released["synced"][1] == 0, released     # stream 1 had read nothing
+    assert released["seen"][0] >= 2 and released["seen"][1] == 0, released     # stream 1 had read nothing
     ag, info = settled([a, b], VM, shm_prefix, min_writes=w0, hosts="B")
     assert_keeps_writing(b, VM, info["writes"])
     b.call("vm.delete", name=VM)

@@ -108,3 +108,28 @@ def test_a_hole_written_after_its_generation_was_read_is_never_called_zero(ram):
         assert asyncio.run(d.finish()) == chunk_digests(ram.ram, CP, real, ram.next_hole_page)
     finally:
         d.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=st.lists(st.tuples(st.integers(0, NPAGES - 1), st.integers(1, 6), st.booleans()), max_size=30))
+def test_hash_now_in_the_writing_thread_equals_a_full_hash(ram, writes):
+    """The destination's receiving stream hashes what it just wrote
+    (hash_now); the digests then need no worker and equal a full hash."""
+    _holes_again(ram)
+
+    async def run():
+        d = ChunkDigests(ram.ram, CP, ram.next_data_page, ram.next_hole_page, fresh_zero=True)
+        try:
+            for first, count, zeros in writes:
+                count = min(count, NPAGES - first)
+                data = bytes(count * PAGE_SIZE) if zeros else os.urandom(count * PAGE_SIZE)
+                ram.ram[first * PAGE_SIZE:(first + count) * PAGE_SIZE] = data
+                d.hash_now(((first, count),))
+            await d.drain()                  # nothing pending: returns at once
+            return await d.finish("incremental"), d._inflight
+        finally:
+            d.close()
+
+    got, inflight = asyncio.run(run())
+    assert inflight is None                  # no worker batch was ever needed
+    assert got == chunk_digests(ram.ram, CP, ram.next_data_page, ram.next_hole_page)

@@ -142,7 +142,10 @@ class Guest:
         self.events.append(("sink", batch))
         return [self.view[f * PAGE:(f + c) * PAGE] for f, c in batch.runs]
 
-    def apply(self, batch: PageBatch) -> None:                     # stream thread, a zero batch
+    def apply(self, batch: PageBatch) -> None:                     # stream thread
+        if not batch.flags & BatchFlags.ZERO:
+            self.events.append(("landed", batch))                  # after its payload, before on_batch
+            return
         for first, count in batch.runs:
             if first + count > self.npages:
                 raise RemoteProtocolError("zero pages beyond the VM", ErrorCode.MALFORMED)
@@ -421,10 +424,14 @@ def test_payloads_land_in_place_and_reads_never_cross_a_piece(msgs, caps):
         assert bytes(guest.mem) == bytes(plan.ram)
         plan.check_reads(rec[0].reads)
         assert rec[0].pos == len(plan.data) == r.bytes_received
-        # the stream thread's calls (sink for a payload, apply for a zero batch) and the
+        # the stream thread's calls (sink, then apply, for a payload; apply for a zero batch) and the
         # loop's on_batch both follow the stream's order
-        assert [b for _, b in guest.events] == plan.batches
-        assert [k for k, _ in guest.events] == ["apply" if b.flags & BatchFlags.ZERO else "sink" for b in plan.batches]
+        calls = [(k, b) for k, b in guest.events if k != "landed"]
+        assert [b for _, b in calls] == plan.batches
+        assert [k for k, _ in calls] == ["apply" if b.flags & BatchFlags.ZERO else "sink" for b in plan.batches]
+        # apply follows each payload once its bytes are in (in-thread digests), before the next batch
+        want = [e for b in plan.batches for e in ([("apply", b)] if b.flags & BatchFlags.ZERO else [("sink", b), ("landed", b)])]
+        assert guest.events == want
         assert h.batches == plan.batches
         await h.streams.close()
         src.sock.close()
@@ -1121,7 +1128,9 @@ def test_close_joins_the_threads_and_releases_every_view_of_the_source():
         for s in out.senders:
             s.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         try:
-            for k in range(12):   # 6 MiB per stream: queued behind a blocked sendmsg
+            # per stream: up to QUEUE_BYTES queued behind a blocked sendmsg (send waits beyond it)
+            per_stream = max(2, QUEUE_BYTES // (BATCH * PAGE))
+            for k in range(2 * per_stream):
                 await out.send(0, 1, [(k % 2 * STREAM_CHUNK_PAGES, BATCH)], view)
             assert any(s.items for s in out.senders), "nothing left queued"
             async with asyncio.timeout(10):
@@ -1220,7 +1229,8 @@ def test_finish_that_cannot_send_everything_in_time_raises():
         out, peers, failures, _ = await open_streams(1, listener)
         out.senders[0].sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
         try:
-            for k in range(4):            # 4 MiB: below QUEUE_BYTES, far above the socket buffers
+            # as much as the queue takes without waiting: far above the socket buffers
+            for k in range(max(2, QUEUE_BYTES // (BATCH * PAGE))):
                 await out.send(0, 1, [(k * BATCH, BATCH)], view)
             # the peer reads nothing: the stream cannot end within the deadline
             with pytest.raises(PeerLost):
