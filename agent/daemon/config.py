@@ -50,8 +50,14 @@ class AgentSection:
         _check(NAME_RE.fullmatch(self.shm_prefix) is not None, "agent.shm_prefix: 1-64 of A-Z a-z 0-9 _ -")
 
 
-#: migration.streams = 0: measured on the 2-core reference machine (docs/BENCHMARK.md)
-AUTO_STREAMS = 2
+def auto_streams(cpus: int | None = None) -> int:
+    """migration.streams = 0: one data stream per two cores, 1..4. Each end of
+    a stream keeps about a core busy at full rate with TLS; on the 2-core
+    reference machine (both agents on it) 1 stream measured 10 % faster than
+    2 and 4 slower still (docs/BENCHMARK.md), so the guest and the event loop
+    keep the rest."""
+    n = (cpus if cpus is not None else os.cpu_count()) or 1
+    return max(1, min(4, n // 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +73,7 @@ class MigrationSection:
     verify: str = "incremental"          # incremental | full: how memory is proven equal before resume
     switchover_timeout_ms: int = 0       # pause deadline; 0 = max(1000, 4 x downtime_target_ms)
     guest_heartbeat_timeout_s: float = 5.0   # a running guest whose heartbeat stops this long is dead
-    streams: int = 0                     # data streams per migration, 1..8; 0 = auto (AUTO_STREAMS)
+    streams: int = 0                     # data streams per migration, 1..8; 0 = auto (auto_streams)
     prefault: str = "ahead"              # destination memory: ahead (in the background) | setup (before Ready)
 
     def __post_init__(self) -> None:
@@ -84,7 +90,7 @@ class MigrationSection:
 
     def data_streams(self) -> int:
         """The data streams this agent uses (or grants) per migration."""
-        return self.streams or AUTO_STREAMS
+        return self.streams or auto_streams()
 
     def switchover_deadline_s(self, downtime_target_ms: int) -> float:
         """How long a paused guest may wait for the switchover before it resumes here."""

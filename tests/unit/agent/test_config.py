@@ -1,6 +1,6 @@
 import pytest
 
-from agent.daemon.config import AgentConfig, SecuritySection, load_config, parse_hostport
+from agent.daemon.config import AgentConfig, SecuritySection, auto_streams, load_config, parse_hostport
 from agent.errors import ConfigError
 
 
@@ -40,6 +40,8 @@ def test_file_then_overrides(tmp_path):
         ("not toml [", {}, "config"),
         ("", {"migration.downtime": "5"}, "did you mean migration.downtime_target_ms"),
         ("", {"limits.max_live_migrations": "many"}, "expected an integer"),
+        ("[migration]\nstreams = 9\n", {}, "migration.streams: 0 .auto. or 1..8"),
+        ("", {"migration.prefault": "never"}, "migration.prefault: ahead or setup"),
     ],
 )
 def test_errors_are_clear(tmp_path, text, overrides, message):
@@ -60,3 +62,11 @@ def test_parse_hostport():
     for bad in ("x", ":1", "h:", "h:99999", "h:p"):
         with pytest.raises(ConfigError):
             parse_hostport(bad)
+
+
+def test_streams_auto_is_one_per_two_cores_and_an_explicit_count_wins(tmp_path):
+    assert [auto_streams(c) for c in (1, 2, 3, 4, 8, 64)] == [1, 1, 1, 2, 4, 4]
+    p = tmp_path / "s.toml"
+    p.write_text("")
+    assert load_config(p, {"security.mode": "insecure"}).migration.data_streams() == auto_streams()
+    assert load_config(p, {"security.mode": "insecure", "migration.streams": "3"}).migration.data_streams() == 3
