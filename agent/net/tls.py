@@ -219,7 +219,7 @@ def _common(ctx: ssl.SSLContext, sec) -> ssl.SSLContext:
 def server_context(sec) -> ssl.SSLContext:
     """Accepting side: requires a client certificate from the cluster CA."""
     ctx = _common(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), sec)
-    ctx.num_tickets = 0            # one connection per migration: no session resumption to offer
+    ctx.num_tickets = 0            # a few connections per migration (control + data streams): full handshakes, no tickets
     return ctx
 
 
