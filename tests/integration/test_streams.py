@@ -12,19 +12,23 @@
 - Killing one data stream's connection (a TCP reset, from a proxy that
   carries every connection of the migration) fails the migration cleanly:
   the VM runs on the source only, nothing is left on the destination.
+- ... and in the pause: the source held at the entry of stop-and-copy, the
+  proxy armed, the hold released; the first frame of the last round kills
+  its stream. The guest was paused: it must run again on the source.
 - A Join with a wrong token, or for no migration, is refused without
   disturbing anything.
 """
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import pytest
 
 from protocol import DATA_STREAM_MAGIC, Join, MigrationSession, Role, encode_frame
 from tests.conftest import wait_for
-from tests.tools.checks import assert_keeps_writing, eventually, settled, writes
+from tests.tools.checks import assert_keeps_writing, eventually, held_files, settled, writes
 from tests.tools.proxy import FlipProxy
 
 pytestmark = pytest.mark.timeout(120)
@@ -114,6 +118,30 @@ def test_killing_one_data_stream_fails_cleanly_on_the_source(agents, shm_prefix,
     assert_keeps_writing(a, VM, info["writes"])
     assert b.call("vm.list") == []
     assert b.call("jobs")[0]["state"] == "failed"
+    a.call("vm.delete", name=VM)
+
+
+def test_a_data_stream_killed_in_the_pause_resumes_the_vm_on_the_source(plain_agents, shm_prefix):
+    cfg = ("--set", "migration.streams=2", "--set", "migration.io_timeout_s=5")
+    a = plain_agents("A", *cfg, env={"LIVEMIG_TEST_HOLD": "source:stop-and-copy"})
+    b = plain_agents("B", *cfg)
+    w0 = start_vm(a)
+    host, port = b.addr.rsplit(":", 1)
+    with FlipProxy((host, int(port))) as proxy:
+        job = a.call("migrate", vm=VM, to=proxy.addr)
+        held = wait_for(lambda: held_files(a), 60, what="source held at stop-and-copy")
+        assert proxy.data_streams == 2 and proxy.reset is None
+        proxy.reset_data_stream_after = 0            # the next frame on a data stream: reset
+        os.unlink(held[0])
+        report = a.call("job.wait", id=job["id"], timeout_s=60)
+        assert proxy.reset is not None
+    assert report["status"] == "failed" and report["verified"] is False, report
+    assert "stop-and-copy" in report["phases"]
+    assert "stream" in (report["error"] or "") or "lost" in (report["error"] or ""), report["error"]
+    ag, info = eventually(lambda: settled([a, b], VM, shm_prefix, min_writes=w0, hosts="A"), 30,
+                          what="VM running again on A only, nothing on B")
+    assert_keeps_writing(a, VM, info["writes"])
+    assert b.call("vm.list") == []
     a.call("vm.delete", name=VM)
 
 

@@ -20,7 +20,8 @@ not start with the livemig magic is relayed unparsed.
 ``reset_data_stream_after=N`` kills the first data stream that has relayed
 N bytes of page payload: both of its sockets are closed with a TCP reset
 (SO_LINGER 0), the way a dead link or a middlebox would end it; ``reset``
-then names the stream's connection number.
+then names the stream's connection number. It may be set while the proxy
+runs (0: the next frame of any data stream is not relayed, it is reset).
 """
 from __future__ import annotations
 
@@ -209,8 +210,9 @@ class FlipProxy:
                 pending = b""
                 if not prefix:
                     break
-                if prefix is None:
-                    break
+                if self._reset_now(data_stream, relayed, conn_no):   # before relaying this frame
+                    self._rst(src, dst)
+                    return
                 if len(prefix) < PREFIX.size or prefix[:4] != MAGIC:
                     dst.sendall(prefix)           # not livemig (or TLS): relay the rest unparsed
                     relayed += len(prefix)
