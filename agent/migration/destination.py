@@ -353,8 +353,10 @@ class DestinationMigration:
         conn = self.conn
         self._t_round = time.monotonic()
         timeout = self.host.cfg.migration.io_timeout_s
+        streams = self.streams
         while True:
-            msg = await conn.recv(timeout)
+            # Pages arrive on the data streams: their progress keeps this wait alive.
+            msg = await conn.recv(timeout, progress=streams.bytes_received)
             if isinstance(msg, RoundEnd):
                 self._round_ended(msg)
                 self._ack_round(msg.round)
@@ -569,14 +571,15 @@ class DestinationMigration:
         if acker is not None:
             try:
                 await acker
-            except (asyncio.CancelledError, AgentError, ProtocolError):
-                pass        # a late ack nobody waits for any more
+            except (asyncio.CancelledError, Exception):   # e.g. SegmentError from a full /dev/shm
+                pass        # a late ack nobody waits for any more; the failure itself is on the connection
 
     async def _close_streams(self) -> None:
-        streams, self.streams = self.streams, None
+        streams = self.streams
         if streams is not None:
             self.host.inbound_streams.pop(streams.migration_id, None)
             await streams.close()             # its threads write guest memory: joined here
+            self.streams = None               # only now: a cleanup cut short closes (again) next time
 
     async def _cleanup_sections(self, committed: bool) -> None:
         await self._stop_acker()

@@ -519,8 +519,8 @@ class SourceMigration:
         segment, which must not outlive them (commit releases it)."""
         data = self.stream.data if self.stream is not None else None
         if data is not None:
-            self.stream.data = None
             await data.close()
+            self.stream.data = None           # only now: a cleanup cut short closes (again) next time
 
     async def _cleanup_sections(self, committed: bool) -> None:
         await self._close_streams()

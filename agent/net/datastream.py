@@ -75,6 +75,7 @@ STREAM_CHUNK_PAGES = 1024          # 4 MiB: the unit pages are spread over the s
 QUEUE_BYTES = 2 * 2**20            # per stream, queued in the sender before the loop waits
 COALESCE_BYTES = 256 * 1024        # TLS: views smaller than this are gathered into one write
 IOV_MAX = 512                      # iovecs per sendmsg (Linux allows 1024)
+MAX_UNHANDLED = 8                  # batches a receiver may be ahead of the loop's bookkeeping
 SCATTER_MIN_RUNS = 4               # as transport.py: many small runs go through a bounce buffer
 SCATTER_AVG_BYTES = 64 * 1024
 JOIN_MAX_BODY = 512                # a Join body is < 100 bytes
@@ -432,6 +433,24 @@ class _Receiver(threading.Thread):
         self.ended = False               # EOF at a frame boundary
         self.bytes_received = 0
         self._bounce = bytearray(0)
+        # Batches posted to the loop and not yet handled there: bounded, so a
+        # section that buffers payloads (disk) cannot pile up memory when the
+        # loop is slower than the link.
+        self.cv = threading.Condition()
+        self.posted = 0
+        self.handled = 0
+
+    def posted_batch(self) -> None:
+        """After posting a batch: wait while too many are unhandled."""
+        with self.cv:
+            self.posted += 1
+            while self.posted - self.handled > MAX_UNHANDLED and not self.stopping:
+                self.cv.wait(0.5)
+
+    def batch_handled(self) -> None:     # loop thread
+        with self.cv:
+            self.handled += 1
+            self.cv.notify()
 
     def run(self) -> None:
         owner = self.owner
@@ -474,7 +493,8 @@ class _Receiver(threading.Thread):
                     raise RemoteProtocolError(f"payload of {ev.nbytes} bytes without its batch", ErrorCode.MALFORMED)
                 self._payload(dec, batch)
                 owner.apply(batch)                       # in-thread effects (digests), in stream order
-                owner.post(owner._batch, batch)
+                owner.post(owner._batch, batch, self)
+                self.posted_batch()
                 batch = None
                 continue
             msg = session.receive(ev)
@@ -485,7 +505,8 @@ class _Receiver(threading.Thread):
                     batch = msg
                 else:
                     owner.apply(msg)                     # in stream order, here
-                    owner.post(owner._batch, msg)
+                    owner.post(owner._batch, msg, self)
+                    self.posted_batch()
             elif type(msg) is RoundEnd:
                 owner.post(owner._synced, self.index, msg.round)
             elif type(msg) is Abort:
@@ -520,7 +541,9 @@ class _Receiver(threading.Thread):
                 t.release()
 
     def stop(self) -> None:
-        self.stopping = True
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
@@ -605,13 +628,15 @@ class InboundStreams:
                 log.info("data_stream_hold_released", stream=held, seen=list(self.seen), synced=list(self.synced))
                 self._released.set()
 
-    def _batch(self, batch: PageBatch) -> None:
-        if self.failure is not None or self.closed:
-            return
+    def _batch(self, batch: PageBatch, receiver: "_Receiver | None" = None) -> None:
         try:
-            self._on_batch(batch)
+            if self.failure is None and not self.closed:
+                self._on_batch(batch)
         except Exception as exc:  # noqa: BLE001 - bookkeeping errors fail the migration
             self._failed(-1, exc)
+        finally:
+            if receiver is not None:
+                receiver.batch_handled()
 
     def _synced(self, index: int, round_no: int) -> None:
         if round_no > self.synced[index]:

@@ -8,8 +8,8 @@ A connection goes through two stages, each with its own bound:
                  At most ``security.max_handshakes`` at a time, each for at most
                  ``security.handshake_timeout_s`` in all. When the stage is full
                  a new connection evicts the oldest unauthenticated one that had
-                 EVICT_GRACE_S to finish (then the oldest authenticated one, then
-                 the oldest of all), so connections that sit idle or trickle bytes
+                 EVICT_GRACE_S to finish (then an authenticated one that had as
+                 long, then any unauthenticated one, then the oldest), so connections that sit idle or trickle bytes
                  can delay a real peer by one eviction, never lock it out, and
                  cost a bounded amount of memory (frames before authentication
                  are at most ``transport.PRE_AUTH_MAX_BODY``).
@@ -192,15 +192,19 @@ class HandshakeGate:
         self.throttle = _Throttle()
 
     def _victim(self) -> _Handshake:
-        """Whom a new connection evicts when the stage is full: the oldest
-        unauthenticated one that had EVICT_GRACE_S to finish (a peer's
-        connections made together, e.g. a migration's data streams, do not
-        evict each other while their TLS handshakes run), else the oldest
-        authenticated one, else the oldest of all."""
+        """Whom a new connection evicts when the stage is full, oldest first in
+        each class: an unauthenticated one that had EVICT_GRACE_S to finish;
+        an authenticated one that had as long and still sent no request (a
+        trickler); any unauthenticated one; then the oldest of all. So a
+        peer's connections made together (a migration's data streams) do not
+        evict each other while their TLS handshakes run, and a flood of young
+        unauthenticated connections evicts itself, not a peer that finished
+        TLS a moment ago."""
         now = time.monotonic()
         pending = self.pending.values()
         return (next((h for h in pending if not h.authed and now - h.t0 >= EVICT_GRACE_S), None)
-                or next((h for h in pending if h.authed), None) or next(iter(pending)))
+                or next((h for h in pending if h.authed and now - h.t0 >= EVICT_GRACE_S), None)
+                or next((h for h in pending if not h.authed), None) or next(iter(pending)))
 
     def enter(self, sock: socket.socket, peer: str) -> _Handshake:
         while len(self.pending) >= self.max_handshakes:
@@ -384,14 +388,29 @@ class MigrationEndpoint:
         def tls_done() -> None:                   # in the thread: a verified certificate
             loop.call_soon_threadsafe(lambda: h.done or h.authenticated())
 
+        # The thread's socket is wrapped by TLS (which detaches it); the gate
+        # keeps a duplicate, so a drop (timeout, eviction) can still shut the
+        # connection down and end the thread's handshake.
+        theirs = h.sock
+        try:
+            h.sock = theirs.dup()
+        except OSError:
+            theirs.close()
+            return
         try:
             sock, join, session, peer_name = await _in_own_thread(
-                datastream.accept_data_stream, h.sock, self.ssl_context, self.gate.timeout_s, tls_done)
-        except (ssl.SSLError, OSError, ProtocolError, PeerLost, tls.PeerIdentityError, ValueError) as exc:
+                datastream.accept_data_stream, theirs, self.ssl_context, self.gate.timeout_s, tls_done)
+        except (ssl.SSLError, OSError, ProtocolError, PeerLost, tls.PeerIdentityError, ValueError,
+                RuntimeError) as exc:
             if not h.dropped:
                 self.gate.throttle.warning("peer_refused", peer=h.peer, stage="data-stream",
                                            reason=f"{getattr(exc, 'reason', None) or exc}")
-            h.sock.close()
+            theirs.close()
+            return
+        finally:
+            h.sock.close()                        # the gate's duplicate
+        if h.dropped:                             # dropped while its thread finished: not admitted
+            sock.close()
             return
         self.gate._leave(h)
         streams = self.host.inbound_streams.get(join.migration_id)

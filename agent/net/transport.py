@@ -240,8 +240,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
             self.fail(PeerLost(f"peer {self.peer} stopped reading for {timeout_s:.0f} s"))
         self.check()
 
-    async def recv(self, timeout_s: float = 30.0) -> Message:
-        """Next message from the peer; raises the sticky failure or PeerLost on timeout."""
+    async def recv(self, timeout_s: float = 30.0, progress: Callable[[], int] | None = None) -> Message:
+        """Next message from the peer; raises the sticky failure or PeerLost on
+        timeout. ``progress`` (a counter, e.g. bytes the migration's data
+        streams received): a timeout while it moved is not one, the wait
+        goes on (a long pre-copy round sends nothing on this connection)."""
+        seen = progress() if progress is not None else 0
         while not self._inbox:
             self.check()
             loop = asyncio.get_running_loop()
@@ -250,6 +254,10 @@ class FrameProtocol(asyncio.BufferedProtocol):
                 async with asyncio.timeout(timeout_s):
                     await self._inbox_waiter
             except TimeoutError:
+                now = progress() if progress is not None else seen
+                if now != seen:
+                    seen = now
+                    continue
                 self.fail(PeerLost(f"no message from {self.peer} for {timeout_s:.0f} s"))
             finally:
                 self._inbox_waiter = None

@@ -145,6 +145,19 @@ def test_a_data_stream_killed_in_the_pause_resumes_the_vm_on_the_source(plain_ag
     a.call("vm.delete", name=VM)
 
 
+def test_a_round_longer_than_the_io_timeout_is_not_a_lost_peer(plain_agents, shm_prefix):
+    """Pages travel on the data streams, nothing on the control connection
+    during a round: the destination's wait counts the streams' progress."""
+    cfg = ("--set", "migration.io_timeout_s=1.5")
+    a, b = plain_agents("A", *cfg), plain_agents("B", *cfg)
+    w0 = start_vm(a, memory="32M")
+    rc, report = migrate(plain_agents, a, b.addr, "--max-bandwidth", "8")     # round 1 alone: ~4 s
+    assert rc == 0 and report["verified"] is True, (report, b.log_tail())
+    assert report["rounds"][0]["ms"] > 2 * 1500, report["rounds"][0]              # really longer than the timeout
+    settled([a, b], VM, shm_prefix, min_writes=w0, hosts="B")
+    b.call("vm.delete", name=VM)
+
+
 def test_a_join_with_a_wrong_token_is_refused(plain_agents, shm_prefix):
     b = plain_agents("B")
     host, port = b.addr.rsplit(":", 1)
