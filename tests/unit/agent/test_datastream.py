@@ -1005,7 +1005,7 @@ async def until(pred, timeout_s: float = 20) -> None:
     filling its queue), polled with a deadline."""
     async with asyncio.timeout(timeout_s):
         while not pred():
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002)     # poll: only the sender thread's progress makes it true
 
 
 BATCH = 256           # pages: 1 MiB, all in chunk 0 (stream 0 of section 0)
@@ -1096,7 +1096,9 @@ def test_a_reset_stream_fails_send_and_check_and_calls_on_failure_once():
                 out.end_round(1, 0, 0)
             # another stream's thread failing later reports the same way (through the loop)
             await asyncio.to_thread(out._loop.call_soon_threadsafe, out._failed, 0, ConnectionResetError("later"))
-            await asyncio.sleep(0)                                    # one loop turn: that callback ran
+            ran = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(ran.set_result, None)   # queued after that callback: FIFO
+            await ran
             assert failures == [exc] and out.failure is exc
         finally:
             await out.close()                      # stream 0 ends: its reader sees EOF

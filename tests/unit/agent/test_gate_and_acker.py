@@ -54,7 +54,7 @@ def test_an_acker_that_failed_with_a_segment_error_does_not_stop_the_cleanup():
         async def acker():
             raise SegmentError("cannot reserve RAM: needs 4.0 MiB in /dev/shm, 0 B free")
         d._acker = asyncio.ensure_future(acker())
-        await asyncio.sleep(0)
+        await asyncio.wait([d._acker])   # it has failed
         await d._stop_acker()            # must not raise
         assert d._acker is None
     asyncio.run(main())

@@ -414,7 +414,9 @@ def test_write_backpressure_stops_reading_and_send_waits():
         proto.pause_writing()
         assert tr.calls == ["pause_reading"]
         sent = asyncio.ensure_future(proto.send(RoundAck(round=1), timeout_s=10))
-        await asyncio.sleep(0)                       # one loop turn: the send is waiting, not a delay
+        stepped = asyncio.get_running_loop().create_future()
+        asyncio.get_running_loop().call_soon(stepped.set_result, None)   # after the send's first step: FIFO
+        await stepped
         assert not sent.done() and tr.frames() == [RoundAck(round=1)]
         # the inbox draining below half must not resume reading while writes are paused
         push(proto, b"".join(encode_frame(RoundEnd(round=r, pages_sent=0, dirty_pages=0))
