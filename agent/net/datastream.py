@@ -116,19 +116,39 @@ def _recv_exact(sock, view: memoryview) -> None:
         got += k
 
 
+class _StreamThread(threading.Thread):
+    """What both ends' stream threads share: a socket, a condition the loop
+    notifies, and a stop that wakes the thread wherever it blocks (on the
+    condition or in a syscall on the socket)."""
+
+    def __init__(self, index: int, sock, name: str) -> None:
+        super().__init__(name=f"{name}-{index}", daemon=True)
+        self.index, self.sock = index, sock
+        self.cv = threading.Condition()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Stop now (failure, cancel, close)."""
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 # ============================================================================ source
-class _Sender(threading.Thread):
+class _Sender(_StreamThread):
     """One data stream's sending thread: takes (frame, views) items in order."""
 
     def __init__(self, index: int, sock, loop: asyncio.AbstractEventLoop, owner: "OutboundStreams") -> None:
-        super().__init__(name=f"stream-tx-{index}", daemon=True)
-        self.index, self.sock, self.loop, self.owner = index, sock, loop, owner
+        super().__init__(index, sock, "stream-tx")
+        self.loop, self.owner = loop, owner
         self.tls = isinstance(sock, ssl.SSLSocket)
-        self.cv = threading.Condition()
         self.items: collections.deque = collections.deque()
         self.queued = 0                    # payload bytes queued, not yet sent
         self.busy = False                  # an item taken and not yet sent
-        self.stopping = False
         self.failure: BaseException | None = None
         self.bytes_sent = 0
         self._gather = bytearray(COALESCE_BYTES * 2)
@@ -230,15 +250,6 @@ class _Sender(threading.Thread):
         if glen:
             sock.sendall(memoryview(g)[:glen])
 
-    def stop(self) -> None:
-        """Stop now (failure or cancel): wake the thread wherever it blocks."""
-        with self.cv:
-            self.stopping = True
-            self.cv.notify()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 def _connect_one(host: str, port: int, index: int, migration_id: str, token: bytes, ctx: ssl.SSLContext | None,
@@ -423,20 +434,18 @@ class OutboundStreams:
 
 
 # ============================================================================ destination
-class _Receiver(threading.Thread):
+class _Receiver(_StreamThread):
     """One data stream's receiving thread: payloads straight into guest memory."""
 
     def __init__(self, index: int, sock, session: MigrationSession, owner: "InboundStreams") -> None:
-        super().__init__(name=f"stream-rx-{index}", daemon=True)
-        self.index, self.sock, self.session, self.owner = index, sock, session, owner
-        self.stopping = False
+        super().__init__(index, sock, "stream-rx")
+        self.session, self.owner = session, owner
         self.ended = False               # EOF at a frame boundary
         self.bytes_received = 0
         self._bounce = bytearray(0)
         # Batches posted to the loop and not yet handled there: bounded, so a
         # section that buffers payloads (disk) cannot pile up memory when the
         # loop is slower than the link.
-        self.cv = threading.Condition()
         self.posted = 0
         self.handled = 0
 
@@ -540,14 +549,6 @@ class _Receiver(threading.Thread):
             for t in targets:
                 t.release()
 
-    def stop(self) -> None:
-        with self.cv:
-            self.stopping = True
-            self.cv.notify()
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 class InboundStreams:

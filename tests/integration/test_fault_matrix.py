@@ -56,7 +56,11 @@ discarded when the peer gives up.
 | destination-agent     | A       | A             | A      |
 
 Timeouts are short (io_timeout_s=2, switchover 1500 ms, guest heartbeat
-1 s) so a cell takes a few seconds.
+1 s) so a cell takes a few seconds. The migrations use two data streams
+(protocol v3): a killed or stopped agent takes both with it, so each cell
+also checks that every sender and receiver thread is stopped and joined
+before the memory it touches goes. A single data stream dying on its own
+(a reset, in pre-copy and inside the pause) is in test_streams.py.
 """
 from __future__ import annotations
 
@@ -99,6 +103,9 @@ CONFIG = (
     "--set", "migration.resolve_timeout_s=15",     # longer than an agent restart: a query gets its answer
     "--set", "migration.switchover_timeout_ms=1500",
     "--set", "migration.guest_heartbeat_timeout_s=1",
+    # Two data streams (auto gives one on a 2-core machine): every cell then
+    # also fails, stops and joins more than one sender and receiver thread.
+    "--set", "migration.streams=2",
 )
 HOLD_TIMEOUT_S = 20.0        # migration reaches the held phase
 SETTLE_TIMEOUT_S = 20.0      # fault -> end state (io timeouts, restart, resolution by query)

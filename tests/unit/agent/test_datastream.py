@@ -158,6 +158,16 @@ class Guest:
         self.mem.close()                         # BufferError if a stream thread's view were still alive
 
 
+def run_then_close(main, guest: "Guest") -> None:
+    """asyncio.run(main()), then close the guest memory whatever happened:
+    its close raises BufferError if a view a sink handed out is still alive,
+    so every test also checks that no thread kept one."""
+    try:
+        asyncio.run(main())
+    finally:
+        guest.close()
+
+
 class Harness:
     """A real InboundStreams (made inside the running loop) over a Guest,
     with its loop-side callbacks recorded."""
@@ -436,10 +446,7 @@ def test_payloads_land_in_place_and_reads_never_cross_a_piece(msgs, caps):
         await h.streams.close()
         src.sock.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        guest.close()
+    run_then_close(main, guest)
 
 
 def test_one_byte_reads_and_a_newer_copy_behind_a_zero_batch():
@@ -466,10 +473,7 @@ def test_one_byte_reads_and_a_newer_copy_behind_a_zero_batch():
         await h.streams.close()
         src.sock.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        guest.close()
+    run_then_close(main, guest)
 
 
 def test_round_end_advances_reached_once_every_stream_delivered_it():
@@ -505,10 +509,7 @@ def test_round_end_advances_reached_once_every_stream_delivered_it():
         for s in (s0, s1):
             s.sock.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        guest.close()
+    run_then_close(main, guest)
 
 
 def _body(msg: PageBatch, **override) -> bytes:
@@ -597,10 +598,7 @@ def test_bad_input_fails_the_migration_once_and_ends_the_thread(case):
         assert h.failures == [exc]               # once
         src.sock.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        guest.close()
+    run_then_close(main, guest)
 
 
 def test_a_sink_handing_out_the_wrong_size_is_malformed_and_its_views_are_released():
@@ -622,10 +620,7 @@ def test_a_sink_handing_out_the_wrong_size_is_malformed_and_its_views_are_releas
         await h.streams.close()
         src.sock.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        guest.close()        # no view handed out by the sink is left
+    run_then_close(main, guest)
 
 
 def test_failures_on_two_streams_call_on_failure_once():
@@ -646,10 +641,7 @@ def test_failures_on_two_streams_call_on_failure_once():
         for s in (s0, s1):
             s.sock.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        guest.close()
+    run_then_close(main, guest)
 
 
 def test_an_abort_from_the_source_fails_the_stream():
@@ -667,10 +659,7 @@ def test_an_abort_from_the_source_fails_the_stream():
         await h.streams.close()
         src.sock.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        guest.close()
+    run_then_close(main, guest)
 
 
 @pytest.mark.parametrize("where", ["between-frames", "inside-a-payload"])
@@ -696,10 +685,7 @@ def test_close_joins_a_thread_blocked_in_recv(where):
         assert r.sock.fileno() == -1
         src.sock.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        guest.close()        # the view the thread was reading into is released
+    run_then_close(main, guest)
 
 
 def test_admit_refuses_a_wrong_token_an_unexpected_stream_and_a_closed_migration():
@@ -731,10 +717,7 @@ def test_admit_refuses_a_wrong_token_an_unexpected_stream_and_a_closed_migration
             a.close()
             b.close()
 
-    try:
-        asyncio.run(main())
-    finally:
-        guest.close()
+    run_then_close(main, guest)
 
 
 # ============================================================================ accept_data_stream
@@ -1278,7 +1261,4 @@ def test_a_full_dev_shm_in_the_sink_reaches_on_failure_as_a_segment_error():
         [exc] = h.failures
         assert isinstance(exc, SegmentError), repr(exc)
 
-    try:
-        asyncio.run(main())
-    finally:
-        guest.close()
+    run_then_close(main, guest)
